@@ -1,0 +1,1 @@
+"""Unicycle action space and trajectory tokenizers."""

@@ -1,0 +1,1 @@
+"""Everything that loops or samples: KV cache, generation, flow matching, the pipeline."""

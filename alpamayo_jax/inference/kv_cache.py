@@ -1,0 +1,55 @@
+"""A static-shape key/value cache for prefill and incremental decoding.
+
+Shapes: L layers, B batch, S cache capacity (static), K key/value heads, H head_dim.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+
+@struct.dataclass
+class KVCache:
+    """Keys (after k_norm and rotary) and values of every layer, filled up to `length`.
+
+    All rows share one length: prompts of one batch have equal length, and rows that finished
+    generating keep being fed padding, as in the reference.
+    """
+
+    k: jax.Array  # (L, B, S, K, H)
+    v: jax.Array  # (L, B, S, K, H)
+    length: jax.Array  # () int32: number of filled slots
+
+    @classmethod
+    def empty(cls, *, num_layers: int, batch: int, capacity: int, num_kv_heads: int, head_dim: int,
+              dtype=jnp.float32) -> KVCache:
+        shape = (num_layers, batch, capacity, num_kv_heads, head_dim)
+        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), length=jnp.zeros((), jnp.int32))
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[2]
+
+    def valid_mask(self) -> jax.Array:
+        """(S,) bool: which slots hold tokens."""
+        return jnp.arange(self.capacity) < self.length
+
+    def append(self, k_new: jax.Array, v_new: jax.Array) -> KVCache:
+        """Writes (L, B, T, K, H) new keys/values at `length` and advances it by T.
+
+        Writing past `capacity` would be clamped silently by XLA, so a concrete overflow raises here;
+        inside jit the caller sizes the cache (generation allocates prompt + max_new_tokens).
+        """
+        num_new = k_new.shape[2]
+        if not isinstance(self.length, jax.core.Tracer) and int(self.length) + num_new > self.capacity:
+            raise ValueError(
+                f"KV cache overflow: {int(self.length)} + {num_new} tokens > capacity {self.capacity}"
+            )
+        start = (0, 0, self.length, 0, 0)
+        return KVCache(
+            k=jax.lax.dynamic_update_slice(self.k, k_new.astype(self.k.dtype), start),
+            v=jax.lax.dynamic_update_slice(self.v, v_new.astype(self.v.dtype), start),
+            length=self.length + num_new,
+        )

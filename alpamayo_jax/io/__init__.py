@@ -1,0 +1,1 @@
+"""Weight map (Hugging Face key <-> parameter path), checkpoint reading and writing."""

@@ -1,0 +1,1 @@
+"""Pure NNX modules (no loops over time)."""

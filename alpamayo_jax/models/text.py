@@ -1,0 +1,159 @@
+"""The Qwen3-VL language model: token embedding, decoder stack, final norm and untied lm_head.
+
+`TextDecoder` is the decoder stack (the reference's `Qwen3VLTextModel`); the action expert is the
+same stack without the token embedding. `CausalLM` adds the `lm_head` and a static KV cache.
+
+Shapes: B batch, T new tokens, S cache capacity, D width, V vocabulary, L layers,
+K key/value heads, H head_dim, J DeepStack feature sets.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from alpamayo_jax.config import DecoderConfig, TextConfig
+from alpamayo_jax.inference.kv_cache import KVCache
+from alpamayo_jax.nn.attention import bias_from_mask, causal_mask
+from alpamayo_jax.nn.axes import axes
+from alpamayo_jax.nn.decoder_layer import DecoderLayer
+from alpamayo_jax.nn.norms import RMSNorm
+from alpamayo_jax.nn.rotary import mrope_cos_sin
+
+
+class DecoderOutput(NamedTuple):
+    hidden_states: jax.Array  # (B, T, D) after the final norm
+    k: jax.Array  # (L, B, T, K, H) keys of the new tokens, after k_norm and rotary
+    v: jax.Array  # (L, B, T, K, H)
+    layer_outputs: tuple[jax.Array, ...] | None  # L x (B, T, D), raw layer outputs (before DeepStack)
+
+
+class TextDecoder(nnx.Module):
+    """Decoder layers + final RMSNorm; with `vocab_size`, also the token embedding."""
+
+    def __init__(self, config: DecoderConfig, *, vocab_size: int | None, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs):
+        self.config = config
+        if vocab_size is not None:
+            self.embed_tokens = nnx.Embed(
+                vocab_size, config.hidden_size, param_dtype=param_dtype,
+                embedding_metadata=axes("vocab", "embed"), rngs=rngs,
+            )
+        self.layers = nnx.List(
+            [DecoderLayer(config, param_dtype=param_dtype, rngs=rngs) for _ in range(config.num_hidden_layers)]
+        )
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, axis_name="embed",
+                            param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(
+        self,
+        inputs_embeds: jax.Array,  # (B, T, D)
+        position_ids: jax.Array,  # (3, B, T) MRoPE (t, h, w) positions
+        bias: jax.Array | None,  # broadcastable to (B, N, T, S + T) (S = 0 without prefix)
+        prefix_kv: tuple[jax.Array, jax.Array] | None = None,  # (L, B, S, K, H) each, read only
+        deepstack_embeds: jax.Array | None = None,  # (J, B, T, D), added after layers 0..J-1
+        return_layer_outputs: bool = False,
+    ) -> DecoderOutput:
+        c = self.config
+        cos, sin = mrope_cos_sin(position_ids, head_dim=c.head_dim, theta=c.rope_theta,
+                                 mrope_section=c.mrope_section, dtype=inputs_embeds.dtype)
+        num_deepstack = 0 if deepstack_embeds is None else deepstack_embeds.shape[0]
+        if num_deepstack > len(self.layers):
+            raise ValueError(f"{num_deepstack} DeepStack feature sets for {len(self.layers)} layers")
+        x = inputs_embeds
+        new_k, new_v, layer_outputs = [], [], []
+        for index, layer in enumerate(self.layers):
+            layer_prefix = None if prefix_kv is None else (prefix_kv[0][index], prefix_kv[1][index])
+            x, (k, v) = layer(x, cos, sin, bias, layer_prefix)
+            new_k.append(k)
+            new_v.append(v)
+            layer_outputs.append(x)
+            if index < num_deepstack:
+                x = x + deepstack_embeds[index].astype(x.dtype)
+        return DecoderOutput(
+            hidden_states=self.norm(x),
+            k=jnp.stack(new_k),
+            v=jnp.stack(new_v),
+            layer_outputs=tuple(layer_outputs) if return_layer_outputs else None,
+        )
+
+
+class LMOutput(NamedTuple):
+    logits: jax.Array  # (B, T, V), or (B, 1, V) with last_logits_only
+    hidden_states: jax.Array  # (B, T, D) after the final norm
+    cache: KVCache | None  # the cache with the new tokens appended (None if none was given)
+    k: jax.Array  # (L, B, T, K, H) keys of the new tokens
+    v: jax.Array  # (L, B, T, K, H) values of the new tokens
+    layer_outputs: tuple[jax.Array, ...] | None
+
+
+class CausalLM(nnx.Module):
+    """Token embedding -> decoder -> final norm -> untied lm_head, with an optional static cache.
+
+    Parameter names follow the reference: `language_model.{embed_tokens,layers,norm}`, `lm_head`.
+    """
+
+    def __init__(self, config: TextConfig, *, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        self.config = config
+        self.language_model = TextDecoder(config, vocab_size=config.vocab_size, param_dtype=param_dtype,
+                                          rngs=rngs)
+        self.lm_head = nnx.Linear(config.hidden_size, config.vocab_size, use_bias=False,
+                                  param_dtype=param_dtype, kernel_metadata=axes("embed", "vocab"), rngs=rngs)
+
+    def embed(self, input_ids: jax.Array) -> jax.Array:
+        """(B, T) int -> (B, T, D)."""
+        return self.language_model.embed_tokens(input_ids)
+
+    def __call__(
+        self,
+        input_ids: jax.Array | None = None,  # (B, T) int
+        *,
+        inputs_embeds: jax.Array | None = None,  # (B, T, D)
+        position_ids: jax.Array | None = None,  # (3, B, T); default: consecutive from the cache length
+        cache: KVCache | None = None,
+        deepstack_embeds: jax.Array | None = None,  # (J, B, T, D), zero outside visual tokens
+        last_logits_only: bool = False,
+        return_layer_outputs: bool = False,
+    ) -> LMOutput:
+        """Causal forward over T new tokens, attending to the cache (if any) and to themselves."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed(input_ids)
+        batch, num_new, _ = inputs_embeds.shape
+        start = jnp.zeros((), jnp.int32) if cache is None else cache.length
+        if position_ids is None:
+            positions = start + jnp.arange(num_new, dtype=jnp.int32)
+            position_ids = jnp.broadcast_to(positions, (3, batch, num_new))
+        if position_ids.shape != (3, batch, num_new):
+            raise ValueError(f"position_ids must be (3, {batch}, {num_new}), got {position_ids.shape}")
+
+        mask = causal_mask(num_new)  # (T, T)
+        prefix_kv = None
+        if cache is not None:
+            prefix_valid = jnp.broadcast_to(cache.valid_mask(), (num_new, cache.capacity))
+            mask = jnp.concatenate([prefix_valid, mask], axis=1)  # (T, S + T)
+            prefix_kv = (cache.k, cache.v)
+        out = self.language_model(
+            inputs_embeds, position_ids, bias_from_mask(mask)[None, None], prefix_kv,
+            deepstack_embeds, return_layer_outputs,
+        )
+        hidden = out.hidden_states[:, -1:] if last_logits_only else out.hidden_states
+        return LMOutput(
+            logits=self.lm_head(hidden),
+            hidden_states=out.hidden_states,
+            cache=None if cache is None else cache.append(out.k, out.v),
+            k=out.k,
+            v=out.v,
+            layer_outputs=out.layer_outputs,
+        )
+
+    def init_cache(self, batch: int, capacity: int, dtype=None) -> KVCache:
+        """An empty cache for `batch` rows and `capacity` tokens (prompt + new tokens)."""
+        c = self.config
+        return KVCache.empty(num_layers=c.num_hidden_layers, batch=batch, capacity=capacity,
+                             num_kv_heads=c.num_key_value_heads, head_dim=c.head_dim,
+                             dtype=dtype or self.lm_head.kernel.dtype)

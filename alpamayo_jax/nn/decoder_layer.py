@@ -1,0 +1,36 @@
+"""One pre-norm Qwen3 decoder layer, shared by the language model and the action expert."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from alpamayo_jax.config import DecoderConfig
+from alpamayo_jax.nn.attention import KV, Attention
+from alpamayo_jax.nn.mlp import SwiGLU
+from alpamayo_jax.nn.norms import RMSNorm
+
+
+class DecoderLayer(nnx.Module):
+    """x + attn(norm(x)), then + mlp(norm(x))."""
+
+    def __init__(self, config: DecoderConfig, *, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        norm = dict(eps=config.rms_norm_eps, axis_name="embed", param_dtype=param_dtype, rngs=rngs)
+        self.input_layernorm = RMSNorm(config.hidden_size, **norm)
+        self.self_attn = Attention(config, param_dtype=param_dtype, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, **norm)
+        self.mlp = SwiGLU(config.hidden_size, config.intermediate_size, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(
+        self,
+        x: jax.Array,  # (B, T, D)
+        cos: jax.Array,  # (B, T, H)
+        sin: jax.Array,  # (B, T, H)
+        bias: jax.Array | None,  # broadcastable to (B, N, T, S + T)
+        prefix_kv: KV | None = None,  # (B, S, K, H) each, read only
+    ) -> tuple[jax.Array, KV]:
+        attn_out, kv = self.self_attn(self.input_layernorm(x), cos, sin, bias, prefix_kv)
+        x = x + attn_out
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x, kv

@@ -1,0 +1,1 @@
+"""Host-side input processing: images, prompt, tokenizer, rope position ids."""

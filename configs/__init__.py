@@ -1,0 +1,1 @@
+"""Preset configuration files (Hugging Face layout), installed as package data."""

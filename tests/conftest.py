@@ -1,0 +1,44 @@
+"""Shared test fixtures: the reference fixture directory, its golden tensors and checkpoint.
+
+Parity tests run in float32 with the highest matmul precision, so that differences measure the
+implementation rather than the platform's reduced-precision matmuls.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from safetensors.numpy import load_file  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+FIXTURE_DIR = Path(__file__).parent / "fixtures" / "tiny_ar1_dev"
+
+
+@pytest.fixture(scope="session")
+def fixture_dir() -> Path:
+    return FIXTURE_DIR
+
+
+@pytest.fixture(scope="session")
+def golden() -> dict[str, np.ndarray]:
+    """Tensors recorded from NVIDIA's reference code on the tiny checkpoint (see README there)."""
+    return load_file(FIXTURE_DIR / "golden.safetensors")
+
+
+@pytest.fixture(scope="session")
+def golden_meta() -> dict:
+    return json.loads((FIXTURE_DIR / "golden.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def checkpoint() -> dict[str, np.ndarray]:
+    """The tiny reference checkpoint (`AlpamayoR1.save_pretrained`, float32)."""
+    return load_file(FIXTURE_DIR / "hf" / "model.safetensors")
