@@ -42,3 +42,18 @@ def golden_meta() -> dict:
 def checkpoint() -> dict[str, np.ndarray]:
     """The tiny reference checkpoint (`AlpamayoR1.save_pretrained`, float32)."""
     return load_file(FIXTURE_DIR / "hf" / "model.safetensors")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(checkpoint):
+    """The whole tiny model with the reference checkpoint loaded through the weight map."""
+    from flax import nnx
+
+    from alpamayo_jax.config import tiny
+    from alpamayo_jax.io.assign import load_tensors_into
+    from alpamayo_jax.io.weight_map import alpamayo_rules
+    from alpamayo_jax.models.alpamayo import AlpamayoR1
+
+    model = AlpamayoR1(tiny(), rngs=nnx.Rngs(0))
+    load_tensors_into(model, checkpoint, alpamayo_rules())
+    return model

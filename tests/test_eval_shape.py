@@ -1,4 +1,4 @@
-"""Full-size parameter shapes through `nnx.eval_shape`: exact counts, no memory allocated."""
+"""Full-size parameter shapes through `nnx.eval_shape`: exact counts (SPEC §11), no memory allocated."""
 
 from __future__ import annotations
 
@@ -9,20 +9,40 @@ import pytest
 from flax import nnx
 
 from alpamayo_jax.config import alpamayo_r1_10b
-from alpamayo_jax.models.text import CausalLM
+from alpamayo_jax.io.assign import module_variables
+from alpamayo_jax.models.alpamayo import AlpamayoR1
+from alpamayo_jax.nn.axes import LOGICAL_AXES
 
 
-def count(tree) -> int:
-    return sum(int(np.prod(v.shape)) for _, v in nnx.to_flat_state(nnx.state(tree, nnx.Param)))
+def count(module: nnx.Module) -> int:
+    return sum(int(np.prod(v.shape)) for v in module_variables(module).values())
 
 
 @pytest.fixture(scope="module")
-def abstract_lm():
-    return nnx.eval_shape(lambda: CausalLM(alpamayo_r1_10b().text, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
+def abstract_model():
+    return nnx.eval_shape(lambda: AlpamayoR1(alpamayo_r1_10b(), param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
 
 
-def test_10b_language_model_parameter_count(abstract_lm):
-    assert count(abstract_lm.language_model) == 7_583_810_560
-    assert count(abstract_lm.lm_head) == 637_734_912
-    kernel = abstract_lm.lm_head.kernel.get_value()
-    assert isinstance(kernel, jax.ShapeDtypeStruct) and kernel.dtype == jnp.bfloat16
+def test_10b_parameter_counts(abstract_model):
+    m = abstract_model
+    assert count(m.vlm.language_model) == 7_583_810_560
+    assert count(m.vlm.lm_head) == 637_734_912
+    assert count(m.vlm.visual) == 576_388_336
+    assert count(m.expert) == 2_279_238_656
+    assert count(m.action_in_proj) == 1_349_632 + 30  # + the three stored Fourier frequency buffers
+    assert count(m.action_out_proj) == 4_098
+    assert count(m.action_space) == 4  # the normalisation buffers
+    assert count(m) == 11_078_526_194 + 30 + 4
+
+
+def test_nothing_is_allocated(abstract_model):
+    values = [v.get_value() for v in module_variables(abstract_model).values()]
+    assert all(isinstance(v, jax.ShapeDtypeStruct) for v in values)
+    assert all(v.dtype == jnp.bfloat16 for v in values)
+
+
+def test_every_parameter_has_logical_axes(abstract_model):
+    for path, variable in module_variables(abstract_model).items():
+        names = variable.get_metadata().get("logical_axes")
+        assert names is not None and len(names) == len(variable.shape), f"{path}: {names} for {variable.shape}"
+        assert all(n is None or n in LOGICAL_AXES for n in names), f"{path}: {names}"

@@ -15,7 +15,6 @@ from alpamayo_jax.config import TextConfig, tiny
 from alpamayo_jax.io.assign import load_tensors_into
 from alpamayo_jax.io.weight_map import causal_lm_rules
 from alpamayo_jax.models.text import CausalLM
-from alpamayo_jax.nn.axes import LOGICAL_AXES, param_logical_axes
 from tests.parity import assert_close
 
 torch = pytest.importorskip("torch")
@@ -173,16 +172,6 @@ def test_bad_arguments_are_errors(model, reference):
         model(ids, inputs_embeds=model.embed(ids))
     with pytest.raises(ValueError, match="position_ids"):
         model(ids, position_ids=jnp.zeros((BATCH, LENGTH), jnp.int32))
-
-
-def test_every_parameter_has_logical_axes(model):
-    for path, names in param_logical_axes(model).items():
-        shape = dict((".".join(map(str, p)), v.shape) for p, v in nnx.to_flat_state(nnx.state(model)))[path]
-        assert names is not None and len(names) == len(shape), f"{path}: axes {names} for shape {shape}"
-        assert all(n in LOGICAL_AXES for n in names), f"{path}: {names}"
-
-
-# --- NVIDIA's reference fixture -----------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")

@@ -33,14 +33,15 @@ def module_variables(module: nnx.Module) -> dict[str, nnx.Variable]:
     return {".".join(str(p) for p in path): v for path, v in nnx.to_flat_state(state)}
 
 
-def resolve(key: str, rules: Iterable[Rule]) -> tuple[Rule, str] | None:
-    """The rule claiming checkpoint `key` and the parameter path it maps to (None if unclaimed)."""
+def candidates(key: str, rules: Iterable[Rule]) -> list[tuple[Rule, str]]:
+    """Every (rule, parameter path) that checkpoint `key` may map to."""
+    found = []
     for rule in rules:
         match = rule.hf_regex.match(key)
         if match:
             index = match.groupdict().get("i")
-            return rule, rule.param if index is None else rule.param.replace("{i}", index)
-    return None
+            found.append((rule, rule.param if index is None else rule.param.replace("{i}", index)))
+    return found
 
 
 def load_tensors_into(module: nnx.Module, tensors: Mapping[str, np.ndarray], rules: list[Rule]) -> None:
@@ -54,14 +55,17 @@ def load_tensors_into(module: nnx.Module, tensors: Mapping[str, np.ndarray], rul
     values: dict[str, np.ndarray] = {}
     source_of: dict[str, str] = {}
     for key in sorted(tensors):
-        resolved = resolve(key, rules)
-        if resolved is None:
+        found = candidates(key, rules)
+        if not found:
             problems.append(f"unexpected checkpoint key {key!r}: no rule claims it")
             continue
-        rule, path = resolved
-        if path not in targets:
-            problems.append(f"checkpoint key {key!r} maps to {path!r}, which the model does not have")
+        existing = [(rule, path) for rule, path in found if path in targets]
+        if len(existing) != 1:
+            paths = [path for _, path in (existing or found)]
+            what = "which the model does not have" if not existing else "ambiguously"
+            problems.append(f"checkpoint key {key!r} maps to {' or '.join(map(repr, paths))}, {what}")
             continue
+        rule, path = existing[0]
         if path in source_of:
             problems.append(f"parameter {path!r} set twice, by {source_of[path]!r} and {key!r}")
             continue

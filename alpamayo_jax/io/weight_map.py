@@ -1,7 +1,9 @@
 """The one table between Hugging Face checkpoint keys and parameter paths.
 
 A `Rule` pairs a checkpoint key pattern with a parameter path pattern (`{i}` stands for a layer
-index) and names the transform between the two layouts. The same rules drive loading (checkpoint
+index) and names the transform between the two layouts. Where two rules share a key pattern
+(a torch `Sequential` mixing linear layers and norms), the one whose parameter exists in the
+module applies. The same rules drive loading (checkpoint
 -> parameters) and export (parameters -> checkpoint), so the two cannot drift apart.
 
 Layouts:
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from typing import Literal
 
 import numpy as np
@@ -122,7 +124,9 @@ def action_in_proj_rules() -> list[Rule]:
     return [
         Rule("sinus.{i}.freqs", "sinus.{i}.freqs"),
         Rule("timestep_fourier_encoder.freqs", "timestep_fourier_encoder.freqs"),
+        # Linear layers and RMSNorms share the key pattern; the module's structure tells them apart.
         Rule("encoder.trunk.{i}.weight", "encoder.trunk.{i}.kernel", "linear"),
+        Rule("encoder.trunk.{i}.weight", "encoder.trunk.{i}.scale"),
         Rule("encoder.trunk.{i}.bias", "encoder.trunk.{i}.bias"),
         Rule("norm.weight", "norm.scale"),
         Rule("norm.bias", "norm.bias"),
@@ -160,11 +164,10 @@ def alpamayo_rules() -> list[Rule]:
 
 
 def _check_unambiguous(rules: list[Rule]) -> None:
-    for side in ("hf", "param"):
-        patterns = [getattr(rule, side) for rule in rules]
-        duplicates = {p for p in patterns if patterns.count(p) > 1}
-        if duplicates:
-            raise AssertionError(f"weight map has duplicate {side} patterns: {sorted(duplicates)}")
+    params = [rule.param for rule in rules]
+    duplicates = {p for p in params if params.count(p) > 1}
+    if duplicates:
+        raise AssertionError(f"weight map has duplicate parameter patterns: {sorted(duplicates)}")
 
 
 # --- layout transforms ------------------------------------------------------------------------

@@ -1,0 +1,68 @@
+"""The action expert on the language model's KV cache.
+
+The expert is a Qwen3 decoder stack without token embedding or lm_head (`TextDecoder` with no
+vocabulary). Its layer l attends to the language model's cached keys/values of layer l, read only,
+followed by its own action tokens; the action tokens see each other bidirectionally. Nothing is
+written to or cropped from the language model's cache.
+
+Per row i of the batch, `offset_i` is the sequence index right after the first
+`<|traj_future_start|>` (or the sequence length when it never came). The action tokens take the
+positions `offset_i + rope_delta_i + k` (k = 0..T-1) on all three MRoPE axes, i.e. where the next
+tokens would have gone, and cache columns from `offset_i` on (tokens a row generated after its
+`<|traj_future_start|>` while other rows were still running) are hidden.
+
+Shapes: B batch, T action tokens (waypoints), S cache capacity, L layers, K kv heads, H head_dim,
+E expert width.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from alpamayo_jax.inference.kv_cache import KVCache
+from alpamayo_jax.models.text import DecoderOutput, TextDecoder
+from alpamayo_jax.nn.attention import bias_from_mask
+
+
+@struct.dataclass
+class ExpertContext:
+    """What the expert reads from the language model for one batch of rows."""
+
+    k: jax.Array  # (L, B, S, K, H) cached keys, read only
+    v: jax.Array  # (L, B, S, K, H) cached values, read only
+    position_ids: jax.Array  # (3, B, T)
+    bias: jax.Array  # (B, 1, 1, S + T) additive attention bias, the same for every action token
+
+
+def expert_position_ids(offsets: jax.Array, rope_deltas: jax.Array, num_tokens: int) -> jax.Array:
+    """(3, B, T) int32: `offset_i + rope_delta_i + k` on all three MRoPE axes."""
+    positions = (offsets + rope_deltas)[:, None] + jnp.arange(num_tokens)  # (B, T)
+    return jnp.broadcast_to(positions.astype(jnp.int32), (3, *positions.shape))
+
+
+def expert_attention_bias(offsets: jax.Array, cache: KVCache, num_tokens: int) -> jax.Array:
+    """(B, 1, 1, S + T) additive bias: cache column s is visible to row i iff
+    s < min(offset_i, cache length); the action tokens are fully visible to each other."""
+    visible_prefix = jnp.arange(cache.capacity)[None, :] < jnp.minimum(offsets, cache.length)[:, None]
+    mask = jnp.concatenate([visible_prefix, jnp.ones((offsets.shape[0], num_tokens), bool)], axis=1)
+    return bias_from_mask(mask[:, None, None, :])
+
+
+def expert_context(cache: KVCache, offsets: jax.Array, rope_deltas: jax.Array, num_tokens: int) -> ExpertContext:
+    """Builds the expert's view of `cache` for rows with the given `offsets` (B,) and
+    `rope_deltas` (B,)."""
+    return ExpertContext(
+        k=cache.k,
+        v=cache.v,
+        position_ids=expert_position_ids(offsets, rope_deltas, num_tokens),
+        bias=expert_attention_bias(offsets, cache, num_tokens),
+    )
+
+
+def run_expert(expert: TextDecoder, inputs_embeds: jax.Array, context: ExpertContext,
+               return_layer_outputs: bool = False) -> DecoderOutput:
+    """Expert decoder over action embeddings (B, T, E); hidden states after the final norm."""
+    return expert(inputs_embeds, context.position_ids, context.bias, (context.k, context.v),
+                  return_layer_outputs=return_layer_outputs)

@@ -1,0 +1,181 @@
+"""Image preprocessing against the reference fixture, PyTorch's uint8 resize and transformers."""
+
+from __future__ import annotations
+
+import pathlib
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from alpamayo_jax.config import alpamayo_r1_10b, tiny
+from alpamayo_jax.processing.image import (
+    flatten_camera_frames,
+    preprocess_images,
+    resize_bicubic_aa,
+    smart_resize,
+)
+
+FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "tiny_ar1_dev"
+LEVEL = 127.5  # one uint8 step in normalised units is 1 / 127.5
+
+
+@pytest.fixture(scope="module")
+def golden():
+    return load_file(FIXTURE / "golden.safetensors")
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return tiny()
+
+
+def _preprocess(images, cfg):
+    return preprocess_images(images, vision=cfg.vision, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
+
+
+def test_camera_frames_match_processor(golden, cfg):
+    frames = golden["input.image_frames"]  # (cameras, frames, 3, H, W)
+    images = flatten_camera_frames(frames)
+    assert len(images) == frames.shape[0] * frames.shape[1]
+    pixel_values, grid = _preprocess(images, cfg)
+    expected = golden["processor.pixel_values"]
+    err = np.abs(pixel_values - expected).max()
+    print(f"processor.pixel_values: max abs error {err:.3g}")
+    assert pixel_values.dtype == np.float32 and pixel_values.shape == expected.shape
+    np.testing.assert_array_equal(grid, golden["processor.image_grid_thw"])
+    assert grid.dtype == np.int64
+    np.testing.assert_array_equal(pixel_values, expected, err_msg=f"max abs error {err:.3g}")
+
+
+def test_resized_image_matches_processor(golden, cfg):
+    pixel_values, grid = _preprocess([golden["aux.resize.image"]], cfg)
+    expected = golden["aux.resize.pixel_values"]
+    np.testing.assert_array_equal(grid, golden["aux.resize.image_grid_thw"])
+    assert pixel_values.shape == expected.shape
+    levels = np.abs(pixel_values - expected) * LEVEL
+    summary = (
+        f"resize: max {levels.max():.3g} levels, mean {levels.mean():.3g} levels, "
+        f"{(levels <= 1).mean():.2%} within 1 level"
+    )
+    print(summary)
+    # The resize reproduces PyTorch's integer arithmetic, so the values are bit-identical.
+    np.testing.assert_array_equal(pixel_values, expected, err_msg=summary)
+
+
+def test_channels_last_and_sequences_give_same_result(golden, cfg):
+    images = list(golden["input.image_frames"][0])
+    channels_first = _preprocess(images, cfg)
+    channels_last = _preprocess([im.transpose(1, 2, 0) for im in images], cfg)
+    for a, b in zip(channels_first, channels_last):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_ambiguous_3x3x3_is_channels_first(cfg):
+    image = np.zeros((3, 3, 3), np.uint8)
+    image[0] = 255  # channels-first: a white first channel; channels-last: a white top row
+    pixel_values, _ = _preprocess([image], cfg)
+    v = cfg.vision
+    per_channel = pixel_values.reshape(-1, v.in_channels, v.temporal_patch_size * v.patch_size**2)
+    assert np.all(per_channel[:, 0] == 1.0) and np.all(per_channel[:, 1:] == -1.0)
+
+
+def test_camera_frames_are_camera_major(golden):
+    frames = golden["input.image_frames"]
+    images = flatten_camera_frames(frames)
+    n_frames = frames.shape[1]
+    for i, image in enumerate(images):
+        np.testing.assert_array_equal(image, frames[i // n_frames, i % n_frames])
+    nested = [[f.transpose(1, 2, 0) for f in camera] for camera in frames]  # lists of (H, W, 3)
+    for a, b in zip(flatten_camera_frames(nested), images):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "in_hw, out_hw",
+    [
+        ((41, 70), (32, 48)),  # shrink both axes
+        ((270, 480), (80, 144)),  # shrink by 3.375, the 10B model's 1080p ratio
+        ((37, 53), (64, 96)),  # enlarge
+        ((50, 50), (50, 20)),  # width only
+        ((100, 30), (48, 16)),  # PIL would filter height first here and differ by several levels
+        ((5, 600), (32, 64)),  # extreme shrink on one axis, enlarge on the other
+    ],
+)
+def test_resize_matches_torch_uint8_kernel(in_hw, out_hw):
+    torch = pytest.importorskip("torch")
+    image = np.random.default_rng(sum(in_hw + out_hw)).integers(0, 256, (3, *in_hw), dtype=np.uint8)
+    ours = resize_bicubic_aa(image, *out_hw)
+    # What torchvision.transforms.v2.functional.resize runs for uint8 bicubic on CPU.
+    reference = torch.nn.functional.interpolate(
+        torch.from_numpy(image)[None], size=out_hw, mode="bicubic", align_corners=False, antialias=True
+    )[0].numpy()
+    assert ours.dtype == np.uint8
+    diff = np.abs(ours.astype(int) - reference)
+    np.testing.assert_array_equal(ours, reference, err_msg=f"max diff {diff.max()} levels")
+
+
+def test_smart_resize_hand_computed():
+    real = alpamayo_r1_10b()
+    budget = dict(factor=32, min_pixels=real.min_pixels, max_pixels=real.max_pixels)
+    assert (real.min_pixels, real.max_pixels) == (163840, 196608)
+    assert real.vision.patch_size * real.vision.spatial_merge_size == 32
+    assert smart_resize(1080, 1920, **budget) == (320, 576)  # over budget: shrink
+    assert smart_resize(100, 200, **budget) == (288, 576)  # under budget: enlarge
+    assert smart_resize(416, 448, **budget) == (416, 448)  # in budget: round only
+    assert smart_resize(33, 6600, **budget) == (32, 6240)  # shrunk side clamps at one factor
+    small = dict(factor=16, min_pixels=1024, max_pixels=2048)
+    assert smart_resize(24, 72, **small) == (32, 64)  # 1.5 -> 2 and 4.5 -> 4: half to even
+    assert smart_resize(41, 70, **small) == (32, 48)
+
+
+def test_smart_resize_matches_transformers():
+    reference = pytest.importorskip("transformers.models.qwen2_vl.image_processing_qwen2_vl").smart_resize
+    sizes = [1, 7, 16, 31, 33, 48, 80, 127, 250, 481, 720, 1080, 1920, 3000]
+    for factor, lo, hi in [(32, 163840, 196608), (16, 1024, 2048), (28, 3136, 1003520)]:
+        for h in sizes:
+            for w in sizes:
+                if max(h, w) / min(h, w) > 200:
+                    continue
+                got = smart_resize(h, w, factor=factor, min_pixels=lo, max_pixels=hi)
+                assert got == reference(h, w, factor=factor, min_pixels=lo, max_pixels=hi), (h, w, factor)
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        ((0, 10), "positive"),
+        ((10, 0), "positive"),
+        ((10, 2010), "aspect ratio"),
+    ],
+)
+def test_smart_resize_errors(args, match):
+    with pytest.raises(ValueError, match=match):
+        smart_resize(*args, factor=32, min_pixels=163840, max_pixels=196608)
+
+
+@pytest.mark.parametrize(
+    "image, match",
+    [
+        (np.zeros((4, 32, 48), np.uint8), "3 \\(RGB\\) channels"),
+        (np.zeros((32, 48, 1), np.uint8), "3 \\(RGB\\) channels"),
+        (np.zeros((3, 32, 48), np.float32), "uint8"),
+        (np.zeros((3, 32, 48), np.uint16), "uint8"),
+        (np.zeros((3, 0, 48), np.uint8), "empty"),
+        (np.zeros((32, 48), np.uint8), "3-D"),
+        (np.zeros((1, 3, 32, 48), np.uint8), "3-D"),
+    ],
+)
+def test_bad_images_raise(cfg, image, match):
+    with pytest.raises(ValueError, match=match):
+        _preprocess([image], cfg)
+
+
+def test_bad_camera_frames_raise():
+    frame = np.zeros((3, 32, 48), np.uint8)
+    with pytest.raises(ValueError, match="camera 1: frames have different sizes"):
+        flatten_camera_frames([[frame, frame], [frame, np.zeros((3, 32, 64), np.uint8)]])
+    with pytest.raises(ValueError, match="n_cameras, n_frames"):
+        flatten_camera_frames(np.zeros((4, 3, 32, 48), np.uint8))
+    with pytest.raises(ValueError, match="no images"):
+        preprocess_images([], vision=tiny().vision, min_pixels=1024, max_pixels=2048)
