@@ -1,20 +1,34 @@
 """Strict assignment of checkpoint tensors to a module's parameters, and the inverse export.
 
-Every checkpoint key must be claimed by exactly one rule and land on an existing parameter of the
-right shape; every parameter must be set exactly once. All problems are collected and reported
-together in one `WeightMapError`.
+Assignment is planned from shapes and dtypes alone (a safetensors header is enough), so every
+problem is found before any tensor data is read: each checkpoint key must be claimed by a rule and
+land on an existing parameter with a fitting shape and a floating dtype, and each parameter must be
+set exactly once. All problems are reported together in one `WeightMapError`. Then tensors are
+read, transformed, cast and placed one at a time.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import dataclasses
+from collections.abc import Callable, Iterable, Mapping
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from alpamayo_jax.io.weight_map import Rule, to_checkpoint_layout, to_param_layout
+from alpamayo_jax.io.weight_map import (
+    Rule,
+    checkpoint_shape,
+    layout_problem,
+    to_checkpoint_layout,
+    to_param_layout,
+)
 from alpamayo_jax.nn.variables import Buffer
+
+# (parameter path, value in parameter layout and dtype) -> the array to store (e.g. device_put with
+# the parameter's sharding). The default puts it on the default device.
+Placement = Callable[[str, np.ndarray], jax.Array]
 
 
 class WeightMapError(ValueError):
@@ -25,6 +39,13 @@ class WeightMapError(ValueError):
         shown = "\n  ".join(problems[:50])
         more = f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else ""
         super().__init__(f"{len(problems)} weight-map problem(s):\n  {shown}{more}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Assignment:
+    key: str  # checkpoint key
+    path: str  # parameter path
+    rule: Rule
 
 
 def module_variables(module: nnx.Module) -> dict[str, nnx.Variable]:
@@ -44,50 +65,83 @@ def candidates(key: str, rules: Iterable[Rule]) -> list[tuple[Rule, str]]:
     return found
 
 
-def load_tensors_into(module: nnx.Module, tensors: Mapping[str, np.ndarray], rules: list[Rule]) -> None:
-    """Sets every parameter of `module` from `tensors` (checkpoint key -> array) through `rules`.
+def describe(tensors: Mapping) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """key -> (shape, dtype) without reading data where the mapping can tell (`CheckpointReader`)."""
+    if hasattr(tensors, "describe"):
+        return tensors.describe()
+    return {key: (tuple(np.shape(value)), np.asarray(value).dtype) for key, value in tensors.items()}
 
-    Arrays are cast to each parameter's dtype. Raises `WeightMapError` listing every unclaimed or
-    duplicated key, unknown or missing parameter and shape mismatch; nothing is assigned then.
-    """
-    targets = module_variables(module)
+
+def plan_assignment(targets: Mapping[str, nnx.Variable], sources: Mapping[str, tuple[tuple[int, ...], np.dtype]],
+                    rules: list[Rule]) -> list[Assignment]:
+    """Matches checkpoint keys (with their shapes and dtypes) to parameters. Raises
+    `WeightMapError` listing every unclaimed, ambiguous or duplicated key, every missing parameter
+    and every shape or dtype that does not fit."""
     problems: list[str] = []
-    values: dict[str, np.ndarray] = {}
+    plan: list[Assignment] = []
     source_of: dict[str, str] = {}
-    for key in sorted(tensors):
+    for key in sorted(sources):
+        shape, dtype = sources[key]
         found = candidates(key, rules)
         if not found:
             problems.append(f"unexpected checkpoint key {key!r}: no rule claims it")
             continue
         existing = [(rule, path) for rule, path in found if path in targets]
         if len(existing) != 1:
-            paths = [path for _, path in (existing or found)]
+            paths = " or ".join(repr(path) for _, path in (existing or found))
             what = "which the model does not have" if not existing else "ambiguously"
-            problems.append(f"checkpoint key {key!r} maps to {' or '.join(map(repr, paths))}, {what}")
+            problems.append(f"checkpoint key {key!r} maps to {paths}, {what}")
             continue
         rule, path = existing[0]
         if path in source_of:
             problems.append(f"parameter {path!r} set twice, by {source_of[path]!r} and {key!r}")
             continue
         source_of[path] = key
-        try:
-            values[path] = to_param_layout(rule, np.asarray(tensors[key]), tuple(targets[path].shape))
-        except ValueError as error:
-            problems.append(f"checkpoint key {key!r} -> {path!r}: {error}")
+        shape_problem = layout_problem(rule, shape, tuple(targets[path].shape))
+        if shape_problem:
+            problems.append(f"checkpoint key {key!r} -> {path!r}: {shape_problem}")
+        elif not jnp.issubdtype(dtype, jnp.floating):
+            problems.append(f"checkpoint key {key!r} -> {path!r}: dtype {dtype} is not a floating type")
+        else:
+            plan.append(Assignment(key, path, rule))
     problems += [f"missing parameter {path!r}: no checkpoint key maps to it"
                  for path in sorted(set(targets) - set(source_of))]
     if problems:
         raise WeightMapError(problems)
-    for path, value in values.items():
-        targets[path].set_value(jnp.asarray(value, dtype=targets[path].dtype))
+    return plan
 
 
-def export_tensors(module: nnx.Module, rules: list[Rule],
-                   source_shapes: Mapping[str, tuple[int, ...]] | None = None) -> dict[str, np.ndarray]:
-    """The inverse of `load_tensors_into`: checkpoint key -> array in checkpoint layout.
+def load_tensors_into(
+    module: nnx.Module,
+    tensors: Mapping[str, np.ndarray],
+    rules: list[Rule],
+    *,
+    place: Placement | None = None,
+    on_tensor: Callable[[Assignment, np.ndarray], None] | None = None,
+) -> list[Assignment]:
+    """Sets every parameter of `module` (concrete, or abstract from `nnx.eval_shape`) from
+    `tensors` (checkpoint key -> array; a `CheckpointReader` reads them lazily) through `rules`.
 
-    `source_shapes` gives the checkpoint shapes that a layout cannot infer (the Conv3d kernel).
+    Each tensor is read, laid out, cast to its parameter's dtype and placed (`place`), one at a
+    time. `on_tensor` is called after each (progress reporting, checksums). Nothing is assigned
+    when the plan has problems (see `plan_assignment`). Returns the plan that was carried out.
     """
+    targets = module_variables(module)
+    plan = plan_assignment(targets, describe(tensors), rules)
+    place = place or (lambda _path, value: jnp.asarray(value))
+    for item in plan:
+        source = np.asarray(tensors[item.key])
+        variable = targets[item.path]
+        value = to_param_layout(item.rule, source, tuple(variable.shape)).astype(variable.dtype)
+        variable.set_value(place(item.path, value))
+        if on_tensor is not None:
+            on_tensor(item, source)
+    return plan
+
+
+def export_plan(module: nnx.Module, rules: list[Rule]) -> dict[str, tuple[str, Rule, tuple[int, ...]]]:
+    """checkpoint key -> (parameter path, rule, checkpoint shape), from parameter shapes alone
+    (works on an abstract module)."""
     result = {}
     for path, variable in module_variables(module).items():
         matches = [rule for rule in rules if rule.param_regex.match(path)]
@@ -96,6 +150,18 @@ def export_tensors(module: nnx.Module, rules: list[Rule],
         rule = matches[0]
         index = rule.param_regex.match(path).groupdict().get("i")
         key = rule.hf if index is None else rule.hf.replace("{i}", index)
-        shape = None if source_shapes is None else source_shapes.get(key)
-        result[key] = to_checkpoint_layout(rule, np.asarray(variable.value), shape)
+        conv_shape = variable.get_metadata().get("conv_shape")
+        result[key] = (path, rule, checkpoint_shape(rule, tuple(variable.shape), conv_shape))
+    return result
+
+
+def export_tensors(module: nnx.Module, rules: list[Rule]) -> dict[str, np.ndarray]:
+    """The inverse of `load_tensors_into`: checkpoint key -> array in checkpoint layout, in each
+    parameter's dtype."""
+    variables = module_variables(module)
+    result = {}
+    for key, (path, rule, _) in export_plan(module, rules).items():
+        variable = variables[path]
+        result[key] = to_checkpoint_layout(rule, np.asarray(variable.get_value()),
+                                           variable.get_metadata().get("conv_shape"))
     return result

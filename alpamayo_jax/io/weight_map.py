@@ -17,6 +17,7 @@ Layouts:
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections.abc import Iterable
 from typing import Literal
@@ -171,41 +172,55 @@ def _check_unambiguous(rules: list[Rule]) -> None:
 
 
 # --- layout transforms ------------------------------------------------------------------------
-def to_param_layout(rule: Rule, array: np.ndarray, param_shape: tuple[int, ...]) -> np.ndarray:
-    """Checkpoint tensor -> parameter layout. Raises ValueError on a shape that does not fit."""
+def layout_problem(rule: Rule, source_shape: tuple[int, ...], param_shape: tuple[int, ...]) -> str | None:
+    """Why a checkpoint tensor of `source_shape` cannot fill a parameter of `param_shape` through
+    `rule`, or None when it fits."""
+    source_shape, param_shape = tuple(source_shape), tuple(param_shape)
     if rule.layout == "same":
-        expected_source = param_shape
-        result = array
+        fits, expected = source_shape == param_shape, param_shape
     elif rule.layout == "linear":
-        fan_in = int(np.prod(param_shape[: rule.in_dims]))
-        fan_out = int(np.prod(param_shape[rule.in_dims:]))
-        expected_source = (fan_out, fan_in)
-        result = array.T.reshape(param_shape) if array.shape == expected_source else None
+        fan_in, fan_out = math.prod(param_shape[: rule.in_dims]), math.prod(param_shape[rule.in_dims:])
+        fits, expected = source_shape == (fan_out, fan_in), (fan_out, fan_in)
     elif rule.layout == "patch":
         fan_in, fan_out = param_shape
-        expected_source = None if array.ndim != 5 else (fan_out, *array.shape[1:])
-        ok = array.ndim == 5 and array.shape[0] == fan_out and int(np.prod(array.shape[1:])) == fan_in
-        result = array.reshape(fan_out, fan_in).T if ok else None
+        fits = len(source_shape) == 5 and source_shape[0] == fan_out and math.prod(source_shape[1:]) == fan_in
+        expected = f"({fan_out}, C, T, P, P) with C*T*P*P = {fan_in}"
     else:
         raise AssertionError(rule.layout)
-    if result is None or tuple(array.shape) != tuple(expected_source):
-        raise ValueError(
-            f"shape {tuple(array.shape)} does not fit parameter shape {tuple(param_shape)} "
-            f"({rule.layout} layout expects {expected_source})"
-        )
-    return np.ascontiguousarray(result)
+    if fits:
+        return None
+    return (f"shape {source_shape} does not fit parameter shape {param_shape} "
+            f"({rule.layout} layout expects {expected})")
 
 
-def to_checkpoint_layout(rule: Rule, array: np.ndarray, source_shape: tuple[int, ...] | None = None) -> np.ndarray:
-    """Parameter -> checkpoint layout (the inverse of `to_param_layout`). `source_shape` is needed
-    for `patch` (the Conv3d kernel shape)."""
+def to_param_layout(rule: Rule, array: np.ndarray, param_shape: tuple[int, ...]) -> np.ndarray:
+    """Checkpoint tensor -> parameter layout. Raises ValueError on a shape that does not fit."""
+    problem = layout_problem(rule, array.shape, param_shape)
+    if problem:
+        raise ValueError(problem)
+    if rule.layout == "linear":
+        return array.T.reshape(param_shape)
+    if rule.layout == "patch":
+        return array.reshape(param_shape[1], param_shape[0]).T
+    return array
+
+
+def checkpoint_shape(rule: Rule, param_shape: tuple[int, ...], conv_shape: tuple[int, ...] | None = None
+                     ) -> tuple[int, ...]:
+    """The checkpoint shape of a parameter. `conv_shape` is the Conv3d kernel shape that the
+    `patch` layout flattens (kept as parameter metadata, see `PatchEmbed`)."""
+    if rule.layout == "linear":
+        return (math.prod(param_shape[rule.in_dims:]), math.prod(param_shape[: rule.in_dims]))
+    if rule.layout == "patch":
+        if conv_shape is None:
+            raise ValueError(f"{rule.hf}: the patch layout needs the Conv3d kernel shape")
+        return tuple(conv_shape)
+    return tuple(param_shape)
+
+
+def to_checkpoint_layout(rule: Rule, array: np.ndarray, conv_shape: tuple[int, ...] | None = None) -> np.ndarray:
+    """Parameter -> checkpoint layout, the inverse of `to_param_layout`."""
+    shape = checkpoint_shape(rule, array.shape, conv_shape)
     if rule.layout == "same":
         return array
-    if rule.layout == "linear":
-        fan_in = int(np.prod(array.shape[: rule.in_dims]))
-        return np.ascontiguousarray(array.reshape(fan_in, -1).T)
-    if rule.layout == "patch":
-        if source_shape is None:
-            raise ValueError(f"{rule.hf}: the patch layout needs the Conv3d kernel shape")
-        return np.ascontiguousarray(array.T.reshape(source_shape))
-    raise AssertionError(rule.layout)
+    return array.reshape(math.prod(array.shape[: rule.in_dims]), -1).T.reshape(shape)

@@ -182,8 +182,12 @@ class PatchEmbed(nnx.Module):
     the processor's flattened patches (rows laid out [channel][frame][row][column])."""
 
     def __init__(self, config: VisionConfig, *, param_dtype=jnp.float32, rngs: nnx.Rngs):
-        self.proj = _linear(config.patch_dim, config.hidden_size, ("vision_patch", "vision_embed"),
-                            param_dtype, rngs)
+        # The Conv3d kernel shape travels as metadata so export can restore the checkpoint layout.
+        conv_shape = (config.hidden_size, config.in_channels, config.temporal_patch_size,
+                      config.patch_size, config.patch_size)
+        self.proj = nnx.Linear(config.patch_dim, config.hidden_size, param_dtype=param_dtype,
+                               kernel_metadata={**axes("vision_patch", "vision_embed"), "conv_shape": conv_shape},
+                               bias_metadata=axes("vision_embed"), rngs=rngs)
 
     def __call__(self, pixel_values: jax.Array) -> jax.Array:
         """(P, C) -> (P, E); pixels are cast to the parameter dtype first."""

@@ -1,0 +1,128 @@
+"""Next-token selection: pure, static-shape functions on float32 logits.
+
+The pipeline reproduces the reference rollout (Hugging Face `generate` with NVIDIA's
+`ExpertLogitsProcessor`):
+
+1. the trajectory-token mask: ids [traj_token_start_idx, traj_token_start_idx + traj_vocab_size)
+   set to -inf (the reference does this in place, so the logits it returns carry the -inf);
+2. sampling only: temperature (divide), then top-k, then top-p, each filtering to -inf exactly as
+   transformers' `TemperatureLogitsWarper`, `TopKLogitsWarper`, `TopPLogitsWarper` do;
+3. a categorical draw from the PRNG key (sampling), or the first argmax (greedy).
+
+Sampling settings are plain Python numbers held in a frozen, hashable `SamplingParams`, so they are
+static under `jax.jit` and thresholds such as `1 - top_p` are formed in double precision on the host
+and compared in float32, as PyTorch compares a float32 tensor with a Python float.
+
+Shapes: B rows, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+NEG_INF = float("-inf")
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """How a token is chosen from the (masked) logits. Hashable: pass it as a static argument.
+
+    do_sample: categorical sampling when true, argmax when false (the warpers below are then not
+        applied, as in transformers: they never change the argmax).
+    temperature: strictly positive divisor of the logits (1.0 leaves them unchanged).
+    top_k: keep the k largest logits (ties with the k-th included); None or 0 disables it.
+    top_p: keep the smallest high-probability set whose mass exceeds top_p (nucleus); None or
+        >= 1 disables it.
+    min_tokens_to_keep: top-k / top-p never keep fewer tokens than this.
+    """
+
+    do_sample: bool = True
+    temperature: float = 0.6
+    top_k: int | None = None
+    top_p: float | None = 0.98
+    min_tokens_to_keep: int = 1
+
+    def __post_init__(self):
+        if self.do_sample and not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0 when sampling, got {self.temperature}; "
+                             f"use do_sample=False for greedy decoding")
+        if self.top_k is not None and self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 or None, got {self.top_k}")
+        if self.top_p is not None and not 0 <= self.top_p <= 1:
+            raise ValueError(f"top_p must be in [0, 1] or None, got {self.top_p}")
+        if self.min_tokens_to_keep < 1:
+            raise ValueError(f"min_tokens_to_keep must be >= 1, got {self.min_tokens_to_keep}")
+
+    @classmethod
+    def greedy(cls) -> SamplingParams:
+        return cls(do_sample=False, temperature=1.0, top_k=None, top_p=None)
+
+
+REFERENCE_SAMPLING = SamplingParams()  # the reference rollout: temperature 0.6, top-p 0.98, no top-k
+GREEDY = SamplingParams.greedy()
+
+
+def mask_token_range(logits: jax.Array, start: int, size: int) -> jax.Array:
+    """(B, V) -> (B, V) with ids [start, start + size) set to -inf (the reference's
+    `ExpertLogitsProcessor` with start = traj_token_start_idx, size = traj_vocab_size)."""
+    ids = jnp.arange(logits.shape[-1])
+    return jnp.where((ids >= start) & (ids < start + size), NEG_INF, logits)
+
+
+def apply_temperature(logits: jax.Array, temperature: float) -> jax.Array:
+    """(B, V) logits divided by `temperature` (a no-op for 1.0, as transformers skips it)."""
+    if temperature == 1.0:
+        return logits
+    return logits / temperature
+
+
+def top_k_filter(logits: jax.Array, top_k: int, min_tokens_to_keep: int = 1) -> jax.Array:
+    """(B, V): logits below the k-th largest of their row set to -inf (ties with it kept)."""
+    k = min(max(top_k, min_tokens_to_keep), logits.shape[-1])
+    kth = jax.lax.top_k(logits, k)[0][..., -1:]
+    return jnp.where(logits < kth, NEG_INF, logits)
+
+
+def top_p_filter(logits: jax.Array, top_p: float, min_tokens_to_keep: int = 1) -> jax.Array:
+    """(B, V) nucleus filter: sort each row ascending, take the running sum of the softmax of
+    the sorted logits, and set to -inf every token whose running sum is <= 1 - top_p, except the
+    `min_tokens_to_keep` largest."""
+    order = jnp.argsort(logits, axis=-1)  # ascending; stable
+    ascending = jnp.take_along_axis(logits, order, axis=-1)
+    cumulative = jnp.cumsum(jax.nn.softmax(ascending, axis=-1), axis=-1)
+    drop_sorted = cumulative <= (1 - top_p)  # threshold in double on the host, compared in f32
+    keep_last = jnp.arange(logits.shape[-1]) >= logits.shape[-1] - min_tokens_to_keep
+    drop_sorted = drop_sorted & ~keep_last
+    rows = jnp.arange(logits.shape[0])[:, None]
+    drop = jnp.zeros_like(drop_sorted).at[rows, order].set(drop_sorted)
+    return jnp.where(drop, NEG_INF, logits)
+
+
+def warp_logits(logits: jax.Array, params: SamplingParams) -> jax.Array:
+    """(B, V) scores the categorical draw uses: temperature, then top-k, then top-p (the
+    transformers order). Identity for greedy params."""
+    if not params.do_sample:
+        return logits
+    scores = apply_temperature(logits, params.temperature)
+    if params.top_k:
+        scores = top_k_filter(scores, params.top_k, params.min_tokens_to_keep)
+    if params.top_p is not None and params.top_p < 1.0:
+        scores = top_p_filter(scores, params.top_p, params.min_tokens_to_keep)
+    return scores
+
+
+def select_tokens(logits: jax.Array, key: jax.Array | None, params: SamplingParams) -> jax.Array:
+    """(B, V) float32 logits (already masked) -> (B,) int32 token ids.
+
+    Greedy: the first maximum of each row. Sampling: one independent categorical draw per row
+    from softmax(warp_logits(logits)), using `key`.
+    """
+    if not params.do_sample:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    if key is None:
+        raise ValueError("sampling needs a PRNG key")
+    scores = warp_logits(logits, params)
+    return jax.random.categorical(key, scores, axis=-1).astype(jnp.int32)

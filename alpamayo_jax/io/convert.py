@@ -1,0 +1,99 @@
+"""Hugging Face checkpoint -> bundle conversion, with a report of what was converted."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from alpamayo_jax.io.assign import Assignment, module_variables
+from alpamayo_jax.io.bundle import atomic_directory, write_bundle
+from alpamayo_jax.io.hf import load_hf_checkpoint, read_hf_config
+
+# Files of a processor directory that inference reads (tokenizer, chat template, image settings).
+PROCESSOR_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
+    "preprocessor_config.json", "video_preprocessor_config.json",
+)
+REQUIRED_PROCESSOR_FILES = ("tokenizer.json", "preprocessor_config.json")
+TOP_LEVEL_MODULES = ("vlm.visual", "vlm.language_model", "vlm.lm_head", "expert", "action_in_proj",
+                     "action_out_proj", "action_space")
+VERSIONED = ("jax", "jaxlib", "flax", "orbax-checkpoint", "numpy", "safetensors")
+
+
+def _processor_copier(processor_dir: Path) -> Callable[[Path], None]:
+    missing = [name for name in REQUIRED_PROCESSOR_FILES if not (processor_dir / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"processor directory {processor_dir} lacks {missing}")
+    if not ((processor_dir / "chat_template.jinja").is_file() or (processor_dir / "chat_template.json").is_file()):
+        raise FileNotFoundError(f"processor directory {processor_dir} has no chat template "
+                                "(chat_template.jinja or chat_template.json)")
+
+    def write(target: Path) -> None:
+        for name in PROCESSOR_FILES:
+            if (processor_dir / name).is_file():
+                shutil.copy2(processor_dir / name, target / name)
+
+    return write
+
+
+def convert_checkpoint(
+    hf_dir: str | os.PathLike,
+    processor_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    dtype=None,
+    force: bool = False,
+    on_tensor: Callable[[Assignment, np.ndarray], None] | None = None,
+) -> dict:
+    """Converts an Alpamayo-R1 Hugging Face checkpoint into a bundle at `out_dir`.
+
+    `processor_dir` holds the backbone's tokenizer/processor files (and, unless the backbone is a
+    known preset, its `config.json`). Every problem with the config, the files or the weights is
+    reported before anything is written; `out_dir` appears only when the bundle is complete.
+    Returns the conversion report (also written to the bundle).
+    """
+    hf_dir, processor_dir = Path(hf_dir), Path(processor_dir)
+    started = time.perf_counter()
+    _, config_dict, backbone_dict = read_hf_config(hf_dir, processor_dir)
+    write_processor = _processor_copier(processor_dir)
+    with atomic_directory(out_dir, force=force) as staging:
+        checksums: dict[str, str] = {}
+        source_dtypes: dict[str, str] = {}
+
+        def record(item: Assignment, source: np.ndarray) -> None:
+            checksums[item.key] = hashlib.sha256(np.ascontiguousarray(source).tobytes()).hexdigest()
+            source_dtypes[item.key] = str(source.dtype)
+            if on_tensor is not None:
+                on_tensor(item, source)
+
+        model, _ = load_hf_checkpoint(hf_dir, backbone_dir=processor_dir, dtype=dtype, on_tensor=record)
+        variables = module_variables(model)
+        per_module = {name: sum(int(np.prod(v.shape)) for path, v in variables.items()
+                                if path.startswith(name + "."))
+                      for name in TOP_LEVEL_MODULES}
+        report = {
+            "source": {
+                "checkpoint": str(hf_dir.absolute()),
+                "processor": str(processor_dir.absolute()),
+                "files": {p.name: p.stat().st_size for p in sorted(hf_dir.glob("*.safetensors*"))},
+            },
+            "num_tensors": len(checksums),
+            "num_parameters": sum(per_module.values()),
+            "parameters_per_module": per_module,
+            "dtype": str(next(iter(variables.values())).dtype),
+            "source_dtypes": sorted(set(source_dtypes.values())),
+            "sha256": dict(sorted(checksums.items())),
+            "versions": {name: importlib.metadata.version(name) for name in VERSIONED},
+            "seconds": round(time.perf_counter() - started, 3),
+        }
+        write_bundle(staging, model, config=config_dict, backbone=backbone_dict,
+                     processor_writer=write_processor, report=report)
+    return report
