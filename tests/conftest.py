@@ -57,3 +57,15 @@ def tiny_model(checkpoint):
     model = AlpamayoR1(tiny(), rngs=nnx.Rngs(0))
     load_tensors_into(model, checkpoint, alpamayo_rules())
     return model
+
+
+@pytest.fixture(scope="session")
+def abstract_10b():
+    """The full-size model through `nnx.eval_shape` (bf16 shapes only, nothing allocated)."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from alpamayo_jax.config import alpamayo_r1_10b
+    from alpamayo_jax.models.alpamayo import AlpamayoR1
+
+    return nnx.eval_shape(lambda: AlpamayoR1(alpamayo_r1_10b(), param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))

@@ -262,7 +262,8 @@ class ScriptedModel:
 
     def step(self, tokens, position_ids, cache):
         self.traces += 1
-        record = lambda x: x.astype(jnp.float32).reshape(1, self.rows, 1, 1, 1)
+        def record(x):
+            return x.astype(jnp.float32).reshape(1, self.rows, 1, 1, 1)
         cache = cache.append(record(tokens), record(position_ids[0]))
         return self.logits(cache.length - FAKE_PROMPT), cache
 

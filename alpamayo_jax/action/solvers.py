@@ -32,43 +32,47 @@ def smoothing_matrix(n: int, order: int, lam: float, dt: float) -> np.ndarray:
     return np.float32(lam / dt ** (2 * order)) * (d.T @ d)
 
 
+# Ridge multipliers tried after a failed factorisation (the reference's ×10 rule), before the
+# diagonal-dominance fallback below.
+RIDGE_RETRIES = 4
+
+
 def cholesky_ridge(matrix: jax.Array, ridge: float) -> jax.Array:
-    """The ridge the reference's retry rule ends up using for `matrix + ridge·I`, (...,).
+    """The ridge r (...,) to add to `matrix` (..., N, N) so that its Cholesky factorisation succeeds.
 
-    The reference tries a Cholesky factorisation and, when it fails, multiplies the ridge by 10
-    and tries again until it succeeds. Here a failed factorisation is one with a non-finite
-    entry (what `jnp.linalg.cholesky` returns for a matrix that is not positive definite), and
-    the retries run in a `lax.while_loop` per batch element, so:
+    The reference factorises `matrix + ridge·I` and, on failure, multiplies the ridge by 10 and
+    tries again. Here a failure is a factor with a non-finite entry (what `jnp.linalg.cholesky`
+    returns for a matrix that is not positive definite), and the attempts are evaluated side by
+    side, without control flow, then the first success is picked per batch element:
 
-    * when the first attempt succeeds, the ridge is `ridge` itself;
-    * the loop terminates for every finite matrix: once the ridge exceeds the largest absolute
-      row sum, `matrix + ridge·I` is strictly diagonally dominant with a positive diagonal, and
-      its Cholesky factorisation cannot break down;
-    * a non-finite matrix (NaN or inf input) is not retried: its ridge stays `ridge` and the
-      NaN propagates to the solution of that batch element only.
+    * ridge·10^k for k = 0..RIDGE_RETRIES: when the first attempt succeeds the ridge is `ridge`
+      itself, so the solve is identical to a single attempt; the next ones follow the reference;
+    * last, twice the largest absolute row sum, which makes the matrix strictly diagonally
+      dominant with a positive diagonal, so its factorisation cannot break down: a finite matrix
+      always gets a finite solution;
+    * a non-finite matrix (NaN or inf input) fails every attempt and keeps `ridge`: its NaN
+      propagates to the solution of that batch element only.
 
-    The matrix is treated as a constant (`stop_gradient`): the ridge is piecewise constant.
+    That costs RIDGE_RETRIES + 2 small factorisations per solve instead of one, but no
+    data-dependent loop: as a `lax.while_loop`, this search hung the XLA:CPU runtime (jax 0.10.2,
+    two cores) inside the jitted `traj_to_action`. The matrix is treated as a constant: the
+    ridge is piecewise constant.
     """
     matrix = jax.lax.stop_gradient(matrix)
+    ladder = np.float32(ridge * 10.0 ** np.arange(RIDGE_RETRIES + 1))
+    dominant = 2 * jnp.max(jnp.sum(jnp.abs(matrix), axis=-1), axis=-1)
+    candidates = jnp.concatenate(
+        [
+            jnp.broadcast_to(ladder, matrix.shape[:-2] + ladder.shape),
+            jnp.maximum(dominant, ladder[-1])[..., None],
+        ],
+        axis=-1,
+    )  # (..., RIDGE_RETRIES + 2)
     eye = jnp.eye(matrix.shape[-1], dtype=matrix.dtype)
-    solvable = jnp.all(jnp.isfinite(matrix), axis=(-2, -1))
-
-    def factorises(r):
-        chol = jnp.linalg.cholesky(matrix + r[..., None, None] * eye)
-        return jnp.all(jnp.isfinite(chol), axis=(-2, -1))
-
-    def pending(state):
-        r, ok = state
-        return ~ok & solvable & jnp.isfinite(r)
-
-    def retry(state):
-        r, ok = state
-        r = jnp.where(pending(state), r * 10, r)
-        return r, ok | factorises(r)
-
-    r0 = jnp.full(matrix.shape[:-2], ridge, matrix.dtype)
-    r, _ = jax.lax.while_loop(lambda s: jnp.any(pending(s)), retry, (r0, factorises(r0)))
-    return r
+    chol = jnp.linalg.cholesky(matrix[..., None, :, :] + candidates[..., None, None] * eye)
+    factorised = jnp.all(jnp.isfinite(chol), axis=(-2, -1))
+    first = jnp.argmax(factorised, axis=-1)  # 0 when nothing factorises
+    return jnp.take_along_axis(candidates, first[..., None], axis=-1)[..., 0]
 
 
 def solve_spd(matrix: jax.Array, rhs: jax.Array, ridge: float) -> jax.Array:
@@ -117,7 +121,9 @@ def trapezoid_normal_equations(theta: jax.Array, dxy: jax.Array, dt: float) -> t
     # Step t touches v_t (as "left" unknown) and v_{t+1} (as "right" unknown).
     diag = _shift(norm2[..., 1:], 1, 0) + _shift(norm2[..., :-1], 0, 1)
     off = jnp.sum(u[..., :-1, :] * u[..., 1:, :], axis=-1)
-    atb = _shift(jnp.sum(u[..., 1:, :] * g, axis=-1), 1, 0) + _shift(jnp.sum(u[..., :-1, :] * g, axis=-1), 0, 1)
+    atb = _shift(jnp.sum(u[..., 1:, :] * g, axis=-1), 1, 0) + _shift(
+        jnp.sum(u[..., :-1, :] * g, axis=-1), 0, 1
+    )
     return _tridiagonal(diag, off), atb
 
 
@@ -161,7 +167,7 @@ def smooth_heading(target: jax.Array, *, dt: float, lam: float, ridge: float) ->
 
 def solve_scaled(s: jax.Array, y: jax.Array, *, dt: float, lam: float, ridge: float) -> jax.Array:
     """x (..., N) minimising Σ(s_i x_i − y_i)² + λ‖d²x/dt²‖² + ridge‖x‖², for s, y (..., N)
-    (`solve_xs_eq_y` with second-order smoothing). The only solve where the reference retries
-    its Cholesky factorisation in practice, e.g. for curvature at standstill where s = 0."""
+    (`solve_xs_eq_y` with second-order smoothing). Without a data term (s = 0, a vehicle at
+    standstill) only the smoothing penalty and the ridge keep the system positive definite."""
     smooth = smoothing_matrix(y.shape[-1], 2, lam, dt)
     return solve_spd(_diagonal(s * s) + smooth, s * y, ridge)

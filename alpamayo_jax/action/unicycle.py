@@ -12,10 +12,12 @@ Trajectories are in the ego frame at t0: the last history pose is the origin wit
 Shape legend: `...` leading batch axes (broadcast between history and actions/future);
 H history poses (16); N future waypoints (`cfg.n_waypoints`, 64).
 
-Non-finite input: nothing raises inside `jit`. A NaN or inf anywhere in one trajectory's input
-makes that trajectory's outputs NaN and leaves the other batch elements untouched (the solvers do
-not retry a non-finite system, see `solvers.cholesky_ridge`). Call `validate_trajectory` on the
-host to reject such input with a clear message instead.
+Non-finite input: nothing raises inside `jit`. NaN and inf propagate through the arithmetic
+and stay within their batch element: a non-finite position poisons that trajectory's fitted
+speeds, actions and rolled-out x, y and heading, while every other trajectory of the batch is
+computed bit for bit as without it (the solvers pick their ridge per element and do not retry a
+non-finite system, see `solvers.cholesky_ridge`). Call `validate_trajectory` on the host to
+reject such input with a clear message instead.
 """
 
 from __future__ import annotations
@@ -95,7 +97,10 @@ def denormalize(actions: jax.Array, stats: ActionStats) -> tuple[jax.Array, jax.
 def normalize(accel: jax.Array, curvature: jax.Array, stats: ActionStats) -> jax.Array:
     """Acceleration and curvature (..., N) -> normalised actions (..., N, 2)."""
     return jnp.stack(
-        [(accel - stats.accel_mean) / stats.accel_std, (curvature - stats.curvature_mean) / stats.curvature_std],
+        [
+            (accel - stats.accel_mean) / stats.accel_std,
+            (curvature - stats.curvature_mean) / stats.curvature_std,
+        ],
         axis=-1,
     )
 
@@ -180,17 +185,19 @@ def traj_to_action(
     smoothed from the future's unwrapped yaw; speeds v (..., N+1) from the xy displacements with
     v_0 fixed to the t0 speed; accelerations from the speed differences; curvatures from the
     heading differences over the arc length v dt + a dt²/2. Each least-squares solve is a
-    Cholesky solve that retries with a 10× larger ridge if the factorisation fails
-    (`solvers.solve_spd`): identical to a single attempt when that succeeds, finite whenever
-    the input is finite.
+    Cholesky solve that, like the reference, retries with a 10× larger ridge if the
+    factorisation fails (`solvers.solve_spd`): identical to a single attempt when that
+    succeeds, finite whenever the input is finite.
 
     With `return_states`, also returns stack([v_0..v_{N-1}, normalised accel, θ_0..θ_{N-1}]) (..., N, 3):
     the reference stacks the acceleration after normalising it, and so does this function.
     """
-    if fut_xyz.shape[-2] != cfg.n_waypoints:
-        raise ValueError(f"fut_xyz has {fut_xyz.shape[-2]} waypoints, the action space expects {cfg.n_waypoints}")
     hist_xyz = jnp.asarray(hist_xyz, jnp.float32)
     fut_xyz = jnp.asarray(fut_xyz, jnp.float32)
+    if fut_xyz.shape[-2] != cfg.n_waypoints:
+        raise ValueError(
+            f"fut_xyz has {fut_xyz.shape[-2]} waypoints, the action space expects {cfg.n_waypoints}"
+        )
     batch = jnp.broadcast_shapes(hist_xyz.shape[:-2], fut_xyz.shape[:-2])
     dt = cfg.dt
 

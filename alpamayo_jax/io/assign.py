@@ -130,13 +130,18 @@ def load_tensors_into(
     plan = plan_assignment(targets, describe(tensors), rules)
     place = place or (lambda _path, value: jnp.asarray(value))
     for item in plan:
-        source = np.asarray(tensors[item.key])
-        variable = targets[item.path]
-        value = to_param_layout(item.rule, source, tuple(variable.shape)).astype(variable.dtype)
-        variable.set_value(place(item.path, value))
-        if on_tensor is not None:
-            on_tensor(item, source)
+        targets[item.path].set_value(place(item.path, read_assignment(item, tensors, targets[item.path], on_tensor)))
     return plan
+
+
+def read_assignment(item: Assignment, tensors: Mapping[str, np.ndarray], target: nnx.Variable,
+                    on_tensor: Callable[[Assignment, np.ndarray], None] | None = None) -> np.ndarray:
+    """Reads one planned tensor and returns it in the parameter's layout and dtype."""
+    source = np.asarray(tensors[item.key])
+    value = to_param_layout(item.rule, source, tuple(target.shape)).astype(target.dtype)
+    if on_tensor is not None:
+        on_tensor(item, source)
+    return value
 
 
 def export_plan(module: nnx.Module, rules: list[Rule]) -> dict[str, tuple[str, Rule, tuple[int, ...]]]:

@@ -2,7 +2,9 @@
 
 Layout of a bundle directory:
 
-    params/                    orbax checkpoint of every parameter and buffer (nested by path)
+    params/<group>/            orbax checkpoints of the parameters and buffers, one per decoder
+                               layer / vision block / module ({"a.b.kernel": array}), so that
+                               conversion and loading hold one group in memory at a time
     config.json                the Alpamayo config, as in the source checkpoint
     backbone_config.json       the Qwen3-VL backbone config
     processor/                 tokenizer, chat template and image-processor settings
@@ -29,9 +31,8 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from alpamayo_jax.config import AlpamayoConfig
-from alpamayo_jax.io.assign import module_variables
+from alpamayo_jax.io.assign import WeightMapError, module_variables
 from alpamayo_jax.models.alpamayo import AlpamayoR1
-from alpamayo_jax.nn.variables import Buffer
 
 PARAMS_DIR = "params"
 CONFIG_FILE = "config.json"
@@ -69,23 +70,38 @@ def atomic_directory(out_dir: str | os.PathLike, *, force: bool = False) -> Iter
         raise
 
 
-def _parameter_tree(model: nnx.Module) -> dict:
-    return nnx.to_pure_dict(nnx.state(model, nnx.Any(nnx.Param, Buffer)))
+def param_group(path: str) -> str:
+    """The storage group of a parameter: one decoder layer, vision block or DeepStack merger per
+    group; the rest grouped by top-level module (`vlm.*` by its second component)."""
+    parts = path.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part.isdigit() and parts[i - 1] in GROUPED_LISTS:
+            return ".".join(parts[: i + 1])
+    return ".".join(parts[:2] if parts[0] == "vlm" else parts[:1])
 
 
-def write_bundle(
-    staging: Path,
-    model: AlpamayoR1,
-    *,
-    config: dict,
-    backbone: dict,
-    processor_writer: Callable[[Path], None],
-    report: dict,
-) -> None:
-    """Fills `staging` (from `atomic_directory`) with a complete bundle."""
+GROUPED_LISTS = ("layers", "blocks", "deepstack_merger_list")
+
+
+def save_param_group(params_dir: Path, group: str, values: dict[str, jax.Array]) -> None:
+    """Writes one group ({parameter path: array}) as its own orbax checkpoint `params_dir/group`."""
     checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(staging / PARAMS_DIR, _parameter_tree(model))
+    checkpointer.save(params_dir.absolute() / group, {path: jnp.asarray(v) for path, v in values.items()})
     checkpointer.wait_until_finished()
+
+
+def save_params(model: nnx.Module, params_dir: Path) -> None:
+    """Writes every parameter and buffer of `model`, group by group."""
+    groups: dict[str, dict[str, jax.Array]] = {}
+    for path, variable in module_variables(model).items():
+        groups.setdefault(param_group(path), {})[path] = variable.get_value()
+    for group, values in groups.items():
+        save_param_group(params_dir, group, values)
+
+
+def write_bundle_files(staging: Path, *, config: dict, backbone: dict, processor_writer: Callable[[Path], None],
+                       report: dict) -> None:
+    """Everything but the parameters (written with `save_params` or group by group)."""
     (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     (staging / BACKBONE_CONFIG_FILE).write_text(json.dumps(backbone, indent=2, sort_keys=True) + "\n")
     processor = staging / PROCESSOR_DIR
@@ -113,28 +129,29 @@ def load_bundle(
         raise FileNotFoundError(f"{bundle} is not a converted bundle (expected {PARAMS_DIR}/, {CONFIG_FILE}, "
                                 f"{BACKBONE_CONFIG_FILE})")
     config = read_bundle_config(bundle)
+    params_dir = bundle / PARAMS_DIR
     checkpointer = ocp.StandardCheckpointer()
-    stored = checkpointer.metadata(bundle / PARAMS_DIR).item_metadata.tree
-    stored_dtypes = {str(leaf.dtype) for leaf in jax.tree.leaves(stored)}
+    groups = sorted(p.name for p in params_dir.iterdir() if p.is_dir())
+    stored = {path: leaf for group in groups
+              for path, leaf in checkpointer.metadata(params_dir / group).item_metadata.tree.items()}
+    stored_dtypes = {str(leaf.dtype) for leaf in stored.values()}
     if dtype is None and len(stored_dtypes) != 1:
         raise ValueError(f"{bundle} stores mixed dtypes {sorted(stored_dtypes)}; choose one with dtype=")
     param_dtype = jnp.dtype(dtype if dtype is not None else stored_dtypes.pop())
     model = nnx.eval_shape(lambda: AlpamayoR1(config, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
     variables = module_variables(model)
-    target_tree = _parameter_tree(model)
-    flat_targets = {}
-    for path, variable in variables.items():
-        placement = None if sharding is None else sharding(path, variable.get_value())
-        flat_targets[path] = jax.ShapeDtypeStruct(variable.shape, variable.dtype, sharding=placement)
-    target = _unflatten(target_tree, flat_targets)
-    restored = checkpointer.restore(bundle / PARAMS_DIR, target=target)
-    state = nnx.state(model, nnx.Any(nnx.Param, Buffer))
-    nnx.replace_by_pure_dict(state, restored)
-    nnx.update(model, state)
+    problems = [f"missing parameter {p!r} in {params_dir}" for p in sorted(set(variables) - set(stored))]
+    problems += [f"{params_dir} holds {p!r}, which the model does not have" for p in sorted(set(stored) - set(variables))]
+    problems += [f"{p!r}: stored shape {tuple(stored[p].shape)} != model shape {tuple(variables[p].shape)}"
+                 for p in sorted(set(stored) & set(variables)) if tuple(stored[p].shape) != tuple(variables[p].shape)]
+    if problems:
+        raise WeightMapError(problems)
+    for group in groups:
+        target = {}
+        for path in checkpointer.metadata(params_dir / group).item_metadata.tree:
+            variable = variables[path]
+            placement = None if sharding is None else sharding(path, variable.get_value())
+            target[path] = jax.ShapeDtypeStruct(variable.shape, variable.dtype, sharding=placement)
+        for path, value in checkpointer.restore(params_dir / group, target=target).items():
+            variables[path].set_value(value)
     return model, config
-
-
-def _unflatten(template: dict, flat: dict[str, object], prefix: str = "") -> dict:
-    """`template`'s nesting with each leaf replaced by `flat['a.b.c']`."""
-    return {key: _unflatten(value, flat, f"{prefix}{key}.") if isinstance(value, dict) else flat[f"{prefix}{key}"]
-            for key, value in template.items()}

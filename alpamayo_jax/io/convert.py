@@ -12,23 +12,32 @@ from pathlib import Path
 
 import numpy as np
 
-from alpamayo_jax.io.assign import Assignment, module_variables
-from alpamayo_jax.io.bundle import atomic_directory, write_bundle
-from alpamayo_jax.io.hf import load_hf_checkpoint, read_hf_config
-
-# Files of a processor directory that inference reads (tokenizer, chat template, image settings).
-PROCESSOR_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-    "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
-    "preprocessor_config.json", "video_preprocessor_config.json",
+from alpamayo_jax.config import AlpamayoConfig
+from alpamayo_jax.io.assign import Assignment, module_variables, plan_assignment, read_assignment
+from alpamayo_jax.io.bundle import (
+    PARAMS_DIR,
+    atomic_directory,
+    param_group,
+    save_param_group,
+    write_bundle_files,
 )
+from alpamayo_jax.io.hf import abstract_model, read_hf_config
+from alpamayo_jax.io.weight_map import alpamayo_rules
+from alpamayo_jax.processing.prompt import load_chat_template
+from alpamayo_jax.processing.tokenizer import build_tokenizer
+
+# Files of a processor directory copied as they are; the tokenizer is written extended.
+PROCESSOR_FILES = ("chat_template.jinja", "chat_template.json", "preprocessor_config.json",
+                   "video_preprocessor_config.json")
 REQUIRED_PROCESSOR_FILES = ("tokenizer.json", "preprocessor_config.json")
 TOP_LEVEL_MODULES = ("vlm.visual", "vlm.language_model", "vlm.lm_head", "expert", "action_in_proj",
                      "action_out_proj", "action_space")
 VERSIONED = ("jax", "jaxlib", "flax", "orbax-checkpoint", "numpy", "safetensors")
 
 
-def _processor_copier(processor_dir: Path) -> Callable[[Path], None]:
+def _processor_writer(processor_dir: Path, config: AlpamayoConfig) -> Callable[[Path], None]:
+    """Checks the processor directory and extends its tokenizer now (before any weight is read);
+    returns the function that writes both into the bundle."""
     missing = [name for name in REQUIRED_PROCESSOR_FILES if not (processor_dir / name).is_file()]
     if missing:
         raise FileNotFoundError(f"processor directory {processor_dir} lacks {missing}")
@@ -36,10 +45,14 @@ def _processor_copier(processor_dir: Path) -> Callable[[Path], None]:
         raise FileNotFoundError(f"processor directory {processor_dir} has no chat template "
                                 "(chat_template.jinja or chat_template.json)")
 
+    load_chat_template(processor_dir)  # fails early on a template that cannot be read
+    tokenizer = build_tokenizer(processor_dir, config)
+
     def write(target: Path) -> None:
         for name in PROCESSOR_FILES:
             if (processor_dir / name).is_file():
                 shutil.copy2(processor_dir / name, target / name)
+        tokenizer.save(target)
 
     return write
 
@@ -56,26 +69,36 @@ def convert_checkpoint(
     """Converts an Alpamayo-R1 Hugging Face checkpoint into a bundle at `out_dir`.
 
     `processor_dir` holds the backbone's tokenizer/processor files (and, unless the backbone is a
-    known preset, its `config.json`). Every problem with the config, the files or the weights is
+    known preset, its `config.json`); the bundle gets the tokenizer extended with the trajectory and
+    special tokens, checked against the config's token ids. Every problem with the config, the files or the weights is
     reported before anything is written; `out_dir` appears only when the bundle is complete.
     Returns the conversion report (also written to the bundle).
     """
     hf_dir, processor_dir = Path(hf_dir), Path(processor_dir)
     started = time.perf_counter()
-    _, config_dict, backbone_dict = read_hf_config(hf_dir, processor_dir)
-    write_processor = _processor_copier(processor_dir)
+    config, config_dict, backbone_dict = read_hf_config(hf_dir, processor_dir)
+    write_processor = _processor_writer(processor_dir, config)
+    model, _, reader = abstract_model(hf_dir, backbone_dir=processor_dir, dtype=dtype)
+    variables = module_variables(model)
+    plan = plan_assignment(variables, reader.describe(), alpamayo_rules())
+    groups: dict[str, list[Assignment]] = {}
+    for item in plan:
+        groups.setdefault(param_group(item.path), []).append(item)
+    checksums: dict[str, str] = {}
+    source_dtypes: set[str] = set()
+
+    def record(item: Assignment, source: np.ndarray) -> None:
+        checksums[item.key] = hashlib.sha256(np.ascontiguousarray(source).tobytes()).hexdigest()
+        source_dtypes.add(str(source.dtype))
+        if on_tensor is not None:
+            on_tensor(item, source)
+
     with atomic_directory(out_dir, force=force) as staging:
-        checksums: dict[str, str] = {}
-        source_dtypes: dict[str, str] = {}
-
-        def record(item: Assignment, source: np.ndarray) -> None:
-            checksums[item.key] = hashlib.sha256(np.ascontiguousarray(source).tobytes()).hexdigest()
-            source_dtypes[item.key] = str(source.dtype)
-            if on_tensor is not None:
-                on_tensor(item, source)
-
-        model, _ = load_hf_checkpoint(hf_dir, backbone_dir=processor_dir, dtype=dtype, on_tensor=record)
-        variables = module_variables(model)
+        # One group (a decoder layer, a vision block, a module) in memory at a time.
+        for group, items in groups.items():
+            values = {item.path: read_assignment(item, reader, variables[item.path], record) for item in items}
+            save_param_group(staging / PARAMS_DIR, group, values)
+            del values
         per_module = {name: sum(int(np.prod(v.shape)) for path, v in variables.items()
                                 if path.startswith(name + "."))
                       for name in TOP_LEVEL_MODULES}
@@ -89,11 +112,11 @@ def convert_checkpoint(
             "num_parameters": sum(per_module.values()),
             "parameters_per_module": per_module,
             "dtype": str(next(iter(variables.values())).dtype),
-            "source_dtypes": sorted(set(source_dtypes.values())),
+            "source_dtypes": sorted(source_dtypes),
             "sha256": dict(sorted(checksums.items())),
             "versions": {name: importlib.metadata.version(name) for name in VERSIONED},
             "seconds": round(time.perf_counter() - started, 3),
         }
-        write_bundle(staging, model, config=config_dict, backbone=backbone_dict,
-                     processor_writer=write_processor, report=report)
+        write_bundle_files(staging, config=config_dict, backbone=backbone_dict, processor_writer=write_processor,
+                           report=report)
     return report

@@ -78,6 +78,17 @@ def checkpoint_dtype(reader: CheckpointReader) -> np.dtype:
     return floating.pop()
 
 
+def abstract_model(hf_dir: str | os.PathLike, *, backbone_dir=None, dtype=None
+                   ) -> tuple[AlpamayoR1, AlpamayoConfig, CheckpointReader]:
+    """The model for a checkpoint directory, created abstractly (`nnx.eval_shape`, nothing
+    allocated) in `dtype` (default: the checkpoint's own), and the validated reader of its files."""
+    config, _, _ = read_hf_config(hf_dir, backbone_dir)
+    reader = CheckpointReader(hf_dir)
+    param_dtype = jnp.dtype(dtype) if dtype is not None else checkpoint_dtype(reader)
+    model = nnx.eval_shape(lambda: AlpamayoR1(config, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
+    return model, config, reader
+
+
 def load_hf_checkpoint(
     hf_dir: str | os.PathLike,
     *,
@@ -92,10 +103,7 @@ def load_hf_checkpoint(
     key/shape plan validated before any data is read; then each tensor is read, cast to `dtype`
     (default: the checkpoint's own) and placed with `place` (default device if None).
     """
-    config, _, _ = read_hf_config(hf_dir, backbone_dir)
-    reader = CheckpointReader(hf_dir)
-    param_dtype = jnp.dtype(dtype) if dtype is not None else checkpoint_dtype(reader)
-    model = nnx.eval_shape(lambda: AlpamayoR1(config, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
+    model, config, reader = abstract_model(hf_dir, backbone_dir=backbone_dir, dtype=dtype)
     load_tensors_into(model, reader, alpamayo_rules(), place=place, on_tensor=on_tensor)
     return model, config
 
