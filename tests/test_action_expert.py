@@ -17,6 +17,7 @@ from alpamayo_jax.config import tiny
 from alpamayo_jax.inference.flow_matching import (
     euler_sample,
     flow_matching_loss,
+    initial_noise,
     interpolate,
     sample_timesteps,
     time_grid,
@@ -158,6 +159,14 @@ def test_sampler_is_one_compiled_scan():
     assert len(traces) == 1 and run._cache_size() == 1  # the step body is traced once, not per step
     # Exact solution of dx/dt = -t x over [0, 1] is exp(-1/2) x0; five Euler steps approximate it.
     np.testing.assert_allclose(np.asarray(run(noise)), np.exp(-0.5), rtol=0.1)
+
+
+def test_noise_from_a_key_is_reproducible():
+    noise = initial_noise(jax.random.key(7), 3, NUM_WAYPOINTS)
+    assert noise.shape == (3, NUM_WAYPOINTS, 2) and noise.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(noise), np.asarray(initial_noise(jax.random.key(7), 3, NUM_WAYPOINTS)))
+    assert not np.allclose(np.asarray(noise), np.asarray(initial_noise(jax.random.key(8), 3, NUM_WAYPOINTS)))
+    assert abs(float(noise.std()) - 1) < 0.1
 
 
 def test_training_pieces():

@@ -299,8 +299,14 @@ def _mutations():
         "no weights": (after_write(lambda d: (d / "model.safetensors").unlink()), CheckpointFormatError,
                        "neither model.safetensors nor"),
         "config sizes disagree with weights": (
-            config_edit(lambda b: b["text_config"].update(intermediate_size=96), backbone=True), WeightMapError,
-            "gate_proj.*does not fit parameter shape \\(64, 96\\)"),
+            config_edit(lambda b: b["text_config"].update(intermediate_size=96), backbone=True), ConfigError,
+            "text_config.intermediate_size = 96, but the weights have 128 .*up_proj.weight"),
+        "expert config disagrees with weights": (
+            config_edit(lambda c: c["expert_cfg"].update(num_attention_heads=4)), ConfigError,
+            "expert_cfg.num_attention_heads = 4, but the weights have 6"),
+        "layer count disagrees with weights": (
+            config_edit(lambda b: b["text_config"].update(num_hidden_layers=2), backbone=True), ConfigError,
+            "num_hidden_layers = 2, but the weights have 3"),
         "unknown config field": (config_edit(lambda c: c.update(surprise=1)), ConfigError, "surprise"),
         "missing config": (after_write(lambda d: (d / "config.json").unlink()), FileNotFoundError, "config.json"),
     }

@@ -38,10 +38,19 @@ class EulerResult(NamedTuple):
     velocities: jax.Array | None  # (num_steps, N, W, C)
 
 
-def euler_sample(velocity_fn: VelocityFn, noise: jax.Array, num_steps: int,
+DEFAULT_NUM_STEPS = 10  # the reference's default; the paper's latency setting uses 5
+
+
+def initial_noise(key: jax.Array, num_samples: int, num_waypoints: int, action_dim: int = 2) -> jax.Array:
+    """The starting point of sampling: eps ~ N(0, I) of shape (N, W, C), float32."""
+    return jax.random.normal(key, (num_samples, num_waypoints, action_dim), jnp.float32)
+
+
+def euler_sample(velocity_fn: VelocityFn, noise: jax.Array, num_steps: int = DEFAULT_NUM_STEPS,
                  return_iterates: bool = False) -> EulerResult:
-    """Integrates dx/dt = v(x, t) from t = 0 (x = `noise`) to t = 1 in `num_steps` Euler steps,
-    as one `lax.scan`. The step sizes are the differences of `time_grid`, not exactly 1/num_steps."""
+    """Integrates dx/dt = v(x, t) from t = 0 (x = `noise` (N, W, C), e.g. from `initial_noise`,
+    or injected for reproducibility) to t = 1 in `num_steps` Euler steps, as one `lax.scan`. The
+    step sizes are the differences of `time_grid`, not exactly 1/num_steps."""
     grid = time_grid(num_steps)
     times, steps = jnp.asarray(grid[:-1]), jnp.asarray(grid[1:] - grid[:-1])
     batch = noise.shape[0]

@@ -138,10 +138,12 @@ def read_assignment(item: Assignment, tensors: Mapping[str, np.ndarray], target:
                     on_tensor: Callable[[Assignment, np.ndarray], None] | None = None) -> np.ndarray:
     """Reads one planned tensor and returns it in the parameter's layout and dtype."""
     source = np.asarray(tensors[item.key])
-    value = to_param_layout(item.rule, source, tuple(target.shape)).astype(target.dtype)
     if on_tensor is not None:
         on_tensor(item, source)
-    return value
+    # A contiguous result no longer refers to the read buffer, which is freed on return: at most
+    # two copies of the tensor (read, laid out) exist at once.
+    value = to_param_layout(item.rule, source, tuple(target.shape)).astype(target.dtype, copy=False)
+    return np.asarray(value, order="C")  # (np.ascontiguousarray would turn 0-d buffers into 1-d)
 
 
 def export_plan(module: nnx.Module, rules: list[Rule]) -> dict[str, tuple[str, Rule, tuple[int, ...]]]:

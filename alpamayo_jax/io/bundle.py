@@ -18,6 +18,8 @@ when asked to (`force=True`).
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import gc
 import json
 import os
 import shutil
@@ -27,6 +29,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
@@ -83,11 +86,26 @@ def param_group(path: str) -> str:
 GROUPED_LISTS = ("layers", "blocks", "deepstack_merger_list")
 
 
-def save_param_group(params_dir: Path, group: str, values: dict[str, jax.Array]) -> None:
-    """Writes one group ({parameter path: array}) as its own orbax checkpoint `params_dir/group`."""
+def save_param_group(params_dir: Path, group: str, values: dict[str, np.ndarray | jax.Array]) -> None:
+    """Writes one group ({parameter path: array}) as its own orbax checkpoint `params_dir/group`.
+
+    Host arrays go to orbax as they are (no device copy) and the checkpointer is closed, so memory
+    is released group by group."""
     checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(params_dir.absolute() / group, {path: jnp.asarray(v) for path, v in values.items()})
+    checkpointer.save(params_dir.absolute() / group, {path: np.asarray(v) for path, v in values.items()})
     checkpointer.wait_until_finished()
+    checkpointer.close()
+    _release_freed_memory()
+
+
+def _release_freed_memory() -> None:
+    """Returns freed heap pages to the OS. glibc keeps large freed blocks in its arenas, which
+    would make a streaming conversion's resident memory grow with every group it writes."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
 
 
 def save_params(model: nnx.Module, params_dir: Path) -> None:

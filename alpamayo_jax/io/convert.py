@@ -88,7 +88,8 @@ def convert_checkpoint(
     source_dtypes: set[str] = set()
 
     def record(item: Assignment, source: np.ndarray) -> None:
-        checksums[item.key] = hashlib.sha256(np.ascontiguousarray(source).tobytes()).hexdigest()
+        # Hash the stored bytes in place (a copy of the largest tensor would double peak memory).
+        checksums[item.key] = hashlib.sha256(np.asarray(source, order="C").reshape(-1).view(np.uint8)).hexdigest()
         source_dtypes.add(str(source.dtype))
         if on_tensor is not None:
             on_tensor(item, source)

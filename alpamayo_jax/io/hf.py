@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -78,12 +79,77 @@ def checkpoint_dtype(reader: CheckpointReader) -> np.dtype:
     return floating.pop()
 
 
+# (config field as the files name it, value in the parsed config, checkpoint key, axis whose size
+# equals the field (None: the number of layers/blocks under the key's `{i}`), divisor)
+def _size_checks(config: AlpamayoConfig) -> list[tuple[str, int, str, int | None, int]]:
+    text, vision, expert, proj = config.text, config.vision, config.expert, config.action_in_proj
+    lm, visual = "vlm.model.language_model.", "vlm.model.visual."
+    return [
+        ("config.json vocab_size", text.vocab_size, lm + "embed_tokens.weight", 0, 1),
+        ("backbone text_config.hidden_size", text.hidden_size, lm + "embed_tokens.weight", 1, 1),
+        ("backbone text_config.num_hidden_layers", text.num_hidden_layers, lm + "layers.{i}.mlp.up_proj.weight",
+         None, 1),
+        ("backbone text_config.intermediate_size", text.intermediate_size, lm + "layers.0.mlp.up_proj.weight", 0, 1),
+        ("backbone text_config.head_dim", text.head_dim, lm + "layers.0.self_attn.q_norm.weight", 0, 1),
+        ("backbone text_config.num_attention_heads", text.num_attention_heads,
+         lm + "layers.0.self_attn.q_proj.weight", 0, text.head_dim),
+        ("backbone text_config.num_key_value_heads", text.num_key_value_heads,
+         lm + "layers.0.self_attn.k_proj.weight", 0, text.head_dim),
+        ("backbone vision_config.depth", vision.depth, visual + "blocks.{i}.norm1.weight", None, 1),
+        ("backbone vision_config.hidden_size", vision.hidden_size, visual + "pos_embed.weight", 1, 1),
+        ("backbone vision_config.num_position_embeddings", vision.num_position_embeddings,
+         visual + "pos_embed.weight", 0, 1),
+        ("backbone vision_config.intermediate_size", vision.intermediate_size,
+         visual + "blocks.0.mlp.linear_fc1.weight", 0, 1),
+        ("backbone vision_config.out_hidden_size", vision.out_hidden_size, visual + "merger.linear_fc2.weight", 0, 1),
+        ("backbone vision_config.patch_size", vision.patch_size, visual + "patch_embed.proj.weight", 4, 1),
+        ("backbone vision_config.temporal_patch_size", vision.temporal_patch_size,
+         visual + "patch_embed.proj.weight", 2, 1),
+        ("backbone vision_config.deepstack_visual_indexes (count)", len(vision.deepstack_visual_indexes),
+         visual + "deepstack_merger_list.{i}.norm.weight", None, 1),
+        ("config.json expert_cfg.hidden_size", expert.hidden_size, "expert.norm.weight", 0, 1),
+        ("config.json expert_cfg.intermediate_size", expert.intermediate_size,
+         "expert.layers.0.mlp.up_proj.weight", 0, 1),
+        ("config.json expert_cfg.num_attention_heads", expert.num_attention_heads,
+         "expert.layers.0.self_attn.q_proj.weight", 0, expert.head_dim),
+        ("config.json action_in_proj_cfg.hidden_size", proj.hidden_size, "action_in_proj.encoder.trunk.0.weight",
+         0, 1),
+        ("config.json action_in_proj_cfg.num_fourier_feats", proj.num_fourier_feats, "action_in_proj.sinus.0.freqs",
+         1, 1 / 2),
+    ]
+
+
+def config_weight_disagreements(config: AlpamayoConfig, shapes: dict[str, tuple[int, ...]]) -> list[str]:
+    """Sizes the config states that the checkpoint's tensors contradict, each naming the config
+    field, both values and the tensor that shows it. Tensors that are absent are left to the strict
+    weight-map check."""
+    problems = []
+    for field, stated, key, axis, divisor in _size_checks(config):
+        if axis is None:
+            pattern = re.compile(re.escape(key).replace(r"\{i\}", r"(\d+)") + r"\Z")
+            indexes = [int(m.group(1)) for k in shapes if (m := pattern.match(k))]
+            if not indexes:
+                continue
+            found, evidence = max(indexes) + 1, key.replace("{i}", str(max(indexes)))
+        else:
+            if key not in shapes or len(shapes[key]) <= axis:
+                continue
+            found, evidence = int(shapes[key][axis] / divisor), f"{key} {tuple(shapes[key])}"
+        if found != stated:
+            problems.append(f"{field} = {stated}, but the weights have {found} ({evidence}): "
+                            "the config does not describe this checkpoint")
+    return problems
+
+
 def abstract_model(hf_dir: str | os.PathLike, *, backbone_dir=None, dtype=None
                    ) -> tuple[AlpamayoR1, AlpamayoConfig, CheckpointReader]:
     """The model for a checkpoint directory, created abstractly (`nnx.eval_shape`, nothing
     allocated) in `dtype` (default: the checkpoint's own), and the validated reader of its files."""
     config, _, _ = read_hf_config(hf_dir, backbone_dir)
     reader = CheckpointReader(hf_dir)
+    disagreements = config_weight_disagreements(config, {k: s for k, (s, _) in reader.describe().items()})
+    if disagreements:
+        raise ConfigError("config and weights disagree:\n  " + "\n  ".join(disagreements))
     param_dtype = jnp.dtype(dtype) if dtype is not None else checkpoint_dtype(reader)
     model = nnx.eval_shape(lambda: AlpamayoR1(config, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
     return model, config, reader

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import struct
 from collections.abc import Iterator, Mapping
@@ -192,24 +193,31 @@ class CheckpointReader(Mapping[str, np.ndarray]):
 def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray],
                       metadata: Mapping[str, str] | None = None) -> None:
     """Writes `tensors` (key -> array, any dtype in `DTYPES`) as one safetensors file, keys sorted,
-    data contiguous and the header padded to 8 bytes."""
+    data contiguous and the header padded to 8 bytes. A mapping with a `describe()` method (key ->
+    (shape, dtype)) is written one tensor at a time, each fetched only when it is written."""
+    if hasattr(tensors, "describe"):
+        layout = tensors.describe()
+    else:
+        layout = {key: (np.shape(value), np.asarray(value).dtype) for key, value in tensors.items()}
     header: dict[str, object] = {}
     if metadata:
         header["__metadata__"] = dict(metadata)
     offset = 0
-    arrays = {}
-    for key in sorted(tensors):
-        array = np.asarray(tensors[key])  # tobytes() below is C order whatever the layout
-        if array.dtype not in DTYPE_NAMES:
-            raise ValueError(f"tensor {key!r}: dtype {array.dtype} cannot be stored in safetensors")
-        header[key] = {"dtype": DTYPE_NAMES[array.dtype], "shape": list(array.shape),
-                       "data_offsets": [offset, offset + array.nbytes]}
-        offset += array.nbytes
-        arrays[key] = array
+    for key in sorted(layout):
+        shape, dtype = tuple(layout[key][0]), np.dtype(layout[key][1])
+        if dtype not in DTYPE_NAMES:
+            raise ValueError(f"tensor {key!r}: dtype {dtype} cannot be stored in safetensors")
+        nbytes = math.prod(shape) * dtype.itemsize
+        header[key] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(encoded)))
         f.write(encoded)
-        for array in arrays.values():
+        for key in sorted(layout):
+            array = np.asarray(tensors[key])
+            if array.shape != tuple(layout[key][0]) or array.dtype != np.dtype(layout[key][1]):
+                raise ValueError(f"tensor {key!r}: got {array.dtype} {array.shape}, described as {layout[key]}")
+            # tobytes() is C order whatever the array's layout
             f.write(array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes())
