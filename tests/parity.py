@@ -16,7 +16,7 @@ def max_errors(actual, expected) -> tuple[float, float]:
     return abs_err, abs_err / max(scale, np.finfo(np.float32).tiny)
 
 
-def assert_close(actual, expected, *, rel: float, name: str) -> float:
+def assert_close(actual, expected, rel: float, name: str) -> float:
     """Asserts max|a - e| / max|e| <= rel; returns the relative error. Prints both errors."""
     abs_err, rel_err = max_errors(actual, expected)
     message = f"{name}: max abs error {abs_err:.3e}, relative {rel_err:.3e} (tolerance {rel:.0e})"

@@ -13,19 +13,11 @@ from alpamayo_jax.io.weight_map import vision_rules
 from alpamayo_jax.models import vision as vision_lib
 from alpamayo_jax.models.vision import VisionModel, encode_images, encode_images_pure
 from alpamayo_jax.numerics import torch_linspace_f32
+from tests.parity import assert_close
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
 CHECKPOINT_PREFIX = "vlm.model.visual."
-
-
-def assert_close(actual, expected, rtol, name=""):
-    """max|a - b| / max|b| <= rtol, reporting the max abs and relative error."""
-    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
-    assert actual.shape == expected.shape, f"{name}: shape {actual.shape} != {expected.shape}"
-    max_abs = float(np.max(np.abs(actual - expected)))
-    rel = max_abs / max(float(np.max(np.abs(expected))), 1e-30)
-    assert rel <= rtol, f"{name}: max abs err {max_abs:.3e}, rel err {rel:.3e} > {rtol:.0e}"
 
 
 @pytest.fixture(scope="module")
