@@ -1,46 +1,90 @@
-"""Command line: `alpamayo-jax demo | convert | export | verify`."""
+"""Command line: `alpamayo-jax demo | infer | convert | export | verify`."""
 
 from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 
-def _demo(args: argparse.Namespace) -> int:
-    """Runs the tiny-preset language model: a prompt prefill, then greedy decoding with the static
-    KV cache, both jitted. Weights are random (seeded); the full pipeline replaces this later."""
+def _run_pipeline(pipeline, args, *, clip=None, inputs=None) -> dict:
+    """Runs the pipeline on a clip or precomputed inputs; returns the JSON-ready result."""
     import jax
-    import jax.numpy as jnp
-    from flax import nnx
+    import numpy as np
 
-    from alpamayo_jax.config import tiny
-    from alpamayo_jax.models.text import CausalLM
+    from alpamayo_jax.inference.pipeline import fuse_precomputed, sample_from_inputs, sample_trajectories
 
-    config = tiny().text
-    model = CausalLM(config, rngs=nnx.Rngs(args.seed))
-    graphdef, state = nnx.split(model)
+    options = dict(num_samples=args.num_samples, temperature=args.temperature, top_p=args.top_p,
+                   greedy=args.greedy, max_new_tokens=args.max_new_tokens, num_flow_steps=args.num_flow_steps,
+                   noise=None if args.noise is None else np.load(args.noise))
+    key = jax.random.key(args.seed)
+    if inputs is not None:
+        fused = fuse_precomputed(pipeline, inputs.input_ids, inputs.ego_history_xyz, inputs.ego_history_rot)
+        samples = sample_from_inputs(pipeline, fused, inputs.pixel_values, inputs.image_grid_thw,
+                                     inputs.ego_history_xyz[None], inputs.ego_history_rot[None], key, **options)
+        history = inputs.ego_history_xyz
+    else:
+        samples = sample_trajectories(pipeline, clip, key, **options)
+        history = clip.ego_history_xyz
+    result = {
+        "xyz": samples.xyz[0].tolist(),
+        "rotation": samples.rotation[0].tolist(),
+        "actions": samples.actions[0].tolist(),
+        "generated_token_ids": samples.generated_token_ids[0],
+        "cot": samples.cot[0],
+        "timings": samples.timings,
+    }
+    if args.plot:
+        from alpamayo_jax.plot import plot_trajectories
 
-    @jax.jit
-    def forward(state, ids, cache):
-        out = nnx.merge(graphdef, state)(ids, cache=cache, last_logits_only=True)
-        return jnp.argmax(out.logits[:, -1], axis=-1), out.cache
+        plot_trajectories(args.plot, history, samples.xyz[0], title="alpamayo-jax")
+    return result
 
-    prompt = jax.random.randint(jax.random.key(args.seed), (1, args.prompt_length), 0, config.vocab_size)
-    cache = model.init_cache(1, args.prompt_length + args.new_tokens)
-    start = time.perf_counter()
-    token, cache = forward(state, prompt, cache)
-    tokens = [int(token[0])]
-    for _ in range(args.new_tokens - 1):
-        token, cache = forward(state, token[:, None], cache)
-        tokens.append(int(token[0]))
-    elapsed = time.perf_counter() - start
-    print(f"tiny language model ({config.num_hidden_layers} layers, width {config.hidden_size}, "
-          f"vocab {config.vocab_size}), random weights, seed {args.seed}")
-    print(f"prompt of {args.prompt_length} random tokens -> {args.new_tokens} greedy tokens: {tokens}")
-    print(f"KV cache: {int(cache.length)} of {cache.capacity} slots filled; "
-          f"{elapsed:.2f} s including compilation")
+
+def _summary(result: dict) -> str:
+    lines = []
+    for index, (xyz, cot) in enumerate(zip(result["xyz"], result["cot"], strict=True)):
+        end = xyz[-1]
+        lines.append(f"sample {index}: CoC {cot!r}; after 6.4 s at x={end[0]:.2f} m, y={end[1]:.2f} m; "
+                     f"{len(result['generated_token_ids'][index])} tokens generated")
+    lines.append("timings (s): " + ", ".join(f"{k} {v:.2f}" for k, v in result["timings"].items()))
+    return "\n".join(lines)
+
+
+def _infer(args: argparse.Namespace) -> int:
+    """Model + clip (or precomputed inputs) -> trajectories, actions, tokens and CoC text as JSON."""
+    import json
+
+    from alpamayo_jax.inference.pipeline import Pipeline
+    from alpamayo_jax.processing.clip import load_clip, load_model_inputs
+
+    if (args.clip is None) == (args.inputs is None):
+        raise ValueError("pass exactly one of --clip and --inputs")
+    clip = None if args.clip is None else load_clip(args.clip)
+    inputs = None if args.inputs is None else load_model_inputs(args.inputs)
+    pipeline = Pipeline.load(args.model, dtype=args.dtype, processor_dir=args.processor_dir)
+    result = _run_pipeline(pipeline, args, clip=clip, inputs=inputs)
+    args.out.write_text(json.dumps(result) + "\n")
+    print(_summary(result))
+    print(f"wrote {args.out}" + (f" and {args.plot}" if args.plot else ""))
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    """The embedded tiny model (NVIDIA's tiny random-weight reference checkpoint, shipped with the
+    package) on a synthetic clip: no network, no arguments needed."""
+    from importlib import resources
+
+    from alpamayo_jax.inference.pipeline import Pipeline
+    from alpamayo_jax.processing.clip import synthetic_clip
+
+    tiny = resources.files("alpamayo_jax.tiny_model")
+    pipeline = Pipeline.load(tiny / "hf", processor_dir=tiny / "vlm")
+    clip = synthetic_clip(args.seed, image_size=(32, 48))
+    result = _run_pipeline(pipeline, args, clip=clip)
+    print("tiny Alpamayo-R1 (random weights, so the text is gibberish) on a synthetic clip")
+    print(_summary(result))
+    print(f"wrote {args.plot}")
     return 0
 
 
@@ -108,11 +152,31 @@ def _existing_dir(value: str) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="alpamayo-jax", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="run the embedded tiny model (no downloads)")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--prompt-length", type=int, default=16)
-    demo.add_argument("--new-tokens", type=int, default=8)
+    def sampling_options(command, *, max_new_tokens: int):
+        command.add_argument("--noise", type=Path, help="initial flow noise .npy (num_samples, 64, 2) float32")
+        command.add_argument("--greedy", action="store_true", help="argmax decoding instead of sampling")
+        command.add_argument("--num-samples", type=int, default=1)
+        command.add_argument("--seed", type=int, default=0)
+        command.add_argument("--temperature", type=float, default=0.6)
+        command.add_argument("--top-p", type=float, default=0.98)
+        command.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+        command.add_argument("--num-flow-steps", type=int, default=10)
+
+    demo = commands.add_parser("demo", help="run the embedded tiny model on a synthetic clip (no downloads)")
+    sampling_options(demo, max_new_tokens=32)
+    demo.add_argument("--plot", type=Path, default=Path("alpamayo_demo.png"), help="bird's-eye-view PNG")
     demo.set_defaults(run=_demo)
+
+    infer = commands.add_parser("infer", help="trajectories and Chain-of-Causation text for a clip")
+    infer.add_argument("--model", type=_existing_dir, required=True, help="bundle or Hugging Face directory")
+    infer.add_argument("--processor-dir", type=_existing_dir, help="tokenizer/template for a Hugging Face --model")
+    infer.add_argument("--clip", type=Path, help="clip .npz (see alpamayo_jax.processing.clip)")
+    infer.add_argument("--inputs", type=Path, help="precomputed model inputs .safetensors (instead of --clip)")
+    infer.add_argument("--dtype", choices=["float32", "bfloat16"], help="parameter dtype (default: as stored)")
+    infer.add_argument("--out", type=Path, required=True, help="result JSON")
+    infer.add_argument("--plot", type=Path, help="bird's-eye-view PNG")
+    sampling_options(infer, max_new_tokens=256)
+    infer.set_defaults(run=_infer)
 
     dtypes = ["bfloat16", "float32"]
     convert = commands.add_parser("convert", help="convert a Hugging Face checkpoint into a bundle")

@@ -1,0 +1,141 @@
+"""End to end against NVIDIA's reference fixture: cameras + ego history in, tokens, Chain-of-
+Causation text and trajectories out (greedy, with the reference's initial noise injected); the
+precomputed-inputs path; sampling determinism; the `infer` and `demo` commands."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+from safetensors.numpy import save_file
+
+from alpamayo_jax.inference.pipeline import Pipeline, fuse_precomputed, prepare_clips, sample_from_inputs
+from tests.parity import assert_close
+
+
+@pytest.fixture(scope="module")
+def pipeline(fixture_dir):
+    return Pipeline.load(fixture_dir / "hf", processor_dir=fixture_dir / "vlm")
+
+
+@pytest.fixture(scope="module")
+def history(golden):
+    return golden["input.ego_history_xyz"][0], golden["input.ego_history_rot"][0]  # (1, 16, 3), (1, 16, 3, 3)
+
+
+@pytest.fixture(scope="module")
+def inputs(pipeline, golden, history):
+    return prepare_clips(pipeline, [golden["input.image_frames"]], [history[0][0]], [history[1][0]])
+
+
+@pytest.mark.parametrize("case", ["main", "short"])
+def test_end_to_end_matches_reference(pipeline, golden, history, inputs, case):
+    prefix, max_new_tokens = ("", 24) if case == "main" else ("short.", 4)
+    np.testing.assert_array_equal(inputs["fused_input_ids"], golden["fused.input_ids"])
+    samples = sample_from_inputs(pipeline, inputs["fused_input_ids"], inputs["pixel_values"],
+                                 inputs["image_grid_thw"], *history, jax.random.key(0), greedy=True,
+                                 max_new_tokens=max_new_tokens, noise=golden["diffusion.noise"])
+    raw = golden[f"{prefix}gen.sequences_raw"][0, golden["fused.input_ids"].shape[1]:]
+    assert samples.generated_token_ids == [[raw.tolist()]]
+    assert_close(samples.actions[0], golden[f"{prefix}rollout.sampled_action"], 1e-5, f"{prefix}sampled_action")
+    assert_close(samples.xyz[0], golden[f"{prefix}rollout.pred_xyz"][0, 0], 1e-4, f"{prefix}pred_xyz")
+    assert_close(samples.rotation[0], golden[f"{prefix}rollout.pred_rot"][0, 0], 1e-4, f"{prefix}pred_rot")
+    # The fixture's random weights never emit <|cot_end|>, so the reference extracts "" as well.
+    assert samples.cot == [[""]]
+    assert set(samples.timings) == {"generate", "flow_matching", "rollout", "decode_text"}
+
+
+def test_precomputed_inputs_path(pipeline, golden, history):
+    fused = fuse_precomputed(pipeline, golden["processor.input_ids"], history[0][0], history[1][0])
+    np.testing.assert_array_equal(fused, golden["fused.input_ids"])
+    samples = sample_from_inputs(pipeline, fused, golden["processor.pixel_values"], golden["processor.image_grid_thw"],
+                                 *history, jax.random.key(0), greedy=True, max_new_tokens=24,
+                                 noise=golden["diffusion.noise"])
+    assert_close(samples.xyz[0], golden["rollout.pred_xyz"][0, 0], 1e-4, "pred_xyz from precomputed inputs")
+
+
+def test_sampling_is_deterministic_per_key(pipeline, inputs, history):
+    def run(seed):
+        return sample_from_inputs(pipeline, inputs["fused_input_ids"], inputs["pixel_values"],
+                                  inputs["image_grid_thw"], *history, jax.random.key(seed), num_samples=2,
+                                  temperature=1.5, max_new_tokens=8)
+
+    first, again, other = run(1), run(1), run(2)
+    assert first.xyz.shape == (1, 2, 64, 3) and first.rotation.shape == (1, 2, 64, 3, 3)
+    assert first.generated_token_ids == again.generated_token_ids
+    np.testing.assert_array_equal(first.xyz, again.xyz)
+    assert first.generated_token_ids != other.generated_token_ids
+    assert not np.allclose(first.xyz, other.xyz)
+    start = pipeline.config.traj_token_start_idx
+    tokens = np.array(first.generated_token_ids + other.generated_token_ids).reshape(-1)
+    assert not ((tokens >= start) & (tokens < start + pipeline.config.traj_vocab_size)).any()
+
+
+def test_bad_noise_is_rejected(pipeline, inputs, history):
+    with pytest.raises(ValueError, match="noise must be"):
+        sample_from_inputs(pipeline, inputs["fused_input_ids"], inputs["pixel_values"], inputs["image_grid_thw"],
+                           *history, jax.random.key(0), greedy=True, max_new_tokens=2, noise=np.zeros((2, 64, 2)))
+
+
+def _cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "alpamayo_jax.cli", *args], capture_output=True, text=True,
+                          timeout=600, cwd=cwd)
+
+
+def _check_result(path, num_samples):
+    result = json.loads(path.read_text())
+    assert np.asarray(result["xyz"]).shape == (num_samples, 64, 3)
+    assert np.asarray(result["rotation"]).shape == (num_samples, 64, 3, 3)
+    assert np.asarray(result["actions"]).shape == (num_samples, 64, 2)
+    assert len(result["generated_token_ids"]) == len(result["cot"]) == num_samples
+    assert {"generate", "flow_matching", "rollout"} <= set(result["timings"])
+    return result
+
+
+def _check_png(path):
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(path) as image:
+        assert image.size == (512, 512)
+        assert len(image.getcolors(maxcolors=100_000) or []) > 3  # more than a blank canvas
+
+
+def test_infer_command(fixture_dir, golden, history, tmp_path):
+    from alpamayo_jax.processing.clip import Clip, save_clip
+
+    clip_path = tmp_path / "clip.npz"
+    save_clip(clip_path, Clip.create(golden["input.image_frames"], history[0][0], history[1][0]))
+    np.save(tmp_path / "noise.npy", golden["diffusion.noise"])
+    out, plot = tmp_path / "out.json", tmp_path / "plot.png"
+    run = _cli("infer", "--model", str(fixture_dir / "hf"), "--processor-dir", str(fixture_dir / "vlm"),
+               "--clip", str(clip_path), "--noise", str(tmp_path / "noise.npy"), "--greedy",
+               "--max-new-tokens", "24", "--out", str(out), "--plot", str(plot))
+    assert run.returncode == 0, run.stderr
+    result = _check_result(out, 1)
+    assert_close(np.asarray(result["xyz"]), golden["rollout.pred_xyz"][0, 0], 1e-4, "infer --clip pred_xyz")
+    _check_png(plot)
+
+    inputs_path = tmp_path / "inputs.safetensors"
+    save_file({"input_ids": golden["processor.input_ids"], "pixel_values": golden["processor.pixel_values"],
+               "image_grid_thw": golden["processor.image_grid_thw"], "ego_history_xyz": history[0],
+               "ego_history_rot": history[1]}, inputs_path)
+    run = _cli("infer", "--model", str(fixture_dir / "hf"), "--processor-dir", str(fixture_dir / "vlm"),
+               "--inputs", str(inputs_path), "--noise", str(tmp_path / "noise.npy"), "--greedy",
+               "--max-new-tokens", "24", "--out", str(tmp_path / "out2.json"))
+    assert run.returncode == 0, run.stderr
+    assert_close(np.asarray(_check_result(tmp_path / "out2.json", 1)["xyz"]), golden["rollout.pred_xyz"][0, 0],
+                 1e-4, "infer --inputs pred_xyz")
+    both = _cli("infer", "--model", str(fixture_dir / "hf"), "--processor-dir", str(fixture_dir / "vlm"),
+                "--out", str(tmp_path / "x.json"))
+    assert both.returncode == 1 and "exactly one of --clip and --inputs" in both.stderr
+
+
+def test_demo_command(tmp_path):
+    run = _cli("demo", "--num-samples", "2", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert "sample 1:" in run.stdout and "after 6.4 s" in run.stdout
+    _check_png(tmp_path / "alpamayo_demo.png")
