@@ -51,11 +51,12 @@ class Pipeline:
     chat_template: str
 
     @classmethod
-    def load(cls, path: str | os.PathLike, *, dtype=None, processor_dir: str | os.PathLike | None = None
-             ) -> Pipeline:
+    def load(cls, path: str | os.PathLike, *, dtype=None, processor_dir: str | os.PathLike | None = None,
+             mesh: jax.sharding.Mesh | None = None) -> Pipeline:
         """From a converted bundle (its `processor/`), or from a Hugging Face checkpoint directory
-        plus `processor_dir` (tokenizer, chat template; the tokenizer is extended here)."""
-        model, config = load_model(path, dtype=dtype, processor_dir=processor_dir)
+        plus `processor_dir` (tokenizer, chat template; the tokenizer is extended here). With
+        `mesh`, parameters are loaded straight into their shardings (tensor parallel)."""
+        model, config = load_model(path, dtype=dtype, processor_dir=processor_dir, mesh=mesh)
         if is_bundle(path):
             processor = Path(path) / PROCESSOR_DIR
             tokenizer = load_tokenizer(processor, config)

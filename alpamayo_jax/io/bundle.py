@@ -36,6 +36,7 @@ from flax import nnx
 from alpamayo_jax.config import AlpamayoConfig
 from alpamayo_jax.io.assign import WeightMapError, module_variables
 from alpamayo_jax.models.alpamayo import AlpamayoR1
+from alpamayo_jax.sharding import param_shardings
 
 PARAMS_DIR = "params"
 CONFIG_FILE = "config.json"
@@ -138,10 +139,11 @@ def load_bundle(
     bundle: str | os.PathLike,
     *,
     dtype=None,
-    sharding: Callable[[str, jax.ShapeDtypeStruct], jax.sharding.Sharding | None] | None = None,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> tuple[AlpamayoR1, AlpamayoConfig]:
     """Restores the model from a bundle, every array cast to `dtype` (default: as stored) and
-    placed with `sharding(path, abstract_array)` (default device if None)."""
+    read straight into its sharding on `mesh` (`alpamayo_jax.sharding`), or onto the default
+    device."""
     bundle = Path(bundle).absolute()
     if not is_bundle(bundle):
         raise FileNotFoundError(f"{bundle} is not a converted bundle (expected {PARAMS_DIR}/, {CONFIG_FILE}, "
@@ -164,12 +166,12 @@ def load_bundle(
                  for p in sorted(set(stored) & set(variables)) if tuple(stored[p].shape) != tuple(variables[p].shape)]
     if problems:
         raise WeightMapError(problems)
+    shardings = {} if mesh is None else param_shardings(model, mesh)
     for group in groups:
         target = {}
         for path in checkpointer.metadata(params_dir / group).item_metadata.tree:
             variable = variables[path]
-            placement = None if sharding is None else sharding(path, variable.get_value())
-            target[path] = jax.ShapeDtypeStruct(variable.shape, variable.dtype, sharding=placement)
+            target[path] = jax.ShapeDtypeStruct(variable.shape, variable.dtype, sharding=shardings.get(path))
         for path, value in checkpointer.restore(params_dir / group, target=target).items():
             variables[path].set_value(value)
     return model, config

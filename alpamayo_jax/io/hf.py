@@ -15,6 +15,7 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -24,6 +25,7 @@ from alpamayo_jax.io.assign import Assignment, Placement, export_tensors, load_t
 from alpamayo_jax.io.safetensors import DTYPES, CheckpointReader, write_safetensors
 from alpamayo_jax.io.weight_map import alpamayo_rules
 from alpamayo_jax.models.alpamayo import AlpamayoR1
+from alpamayo_jax.sharding import param_shardings
 
 CONFIG_FILE = "config.json"
 # Backbones whose config ships as a preset: the Cosmos-Reason2-8B fine-tune has the
@@ -161,15 +163,25 @@ def load_hf_checkpoint(
     backbone_dir: str | os.PathLike | None = None,
     dtype=None,
     place: Placement | None = None,
+    mesh: jax.sharding.Mesh | None = None,
     on_tensor: Callable[[Assignment, np.ndarray], None] | None = None,
 ) -> tuple[AlpamayoR1, AlpamayoConfig]:
     """Builds the model from a Hugging Face checkpoint directory, streaming tensor by tensor.
 
     The model is created abstractly (`nnx.eval_shape`), every header is checked and the whole
     key/shape plan validated before any data is read; then each tensor is read, cast to `dtype`
-    (default: the checkpoint's own) and placed with `place` (default device if None).
+    (default: the checkpoint's own) and placed with `place`, or straight into its sharding on
+    `mesh` (`alpamayo_jax.sharding`), or on the default device.
     """
     model, config, reader = abstract_model(hf_dir, backbone_dir=backbone_dir, dtype=dtype)
+    if mesh is not None:
+        if place is not None:
+            raise ValueError("pass place or mesh, not both")
+        shardings = param_shardings(model, mesh)
+
+        def place(path: str, value: np.ndarray) -> jax.Array:
+            return jax.device_put(value, shardings[path])
+
     load_tensors_into(model, reader, alpamayo_rules(), place=place, on_tensor=on_tensor)
     return model, config
 

@@ -1,0 +1,162 @@
+"""Placement on a device mesh: mesh presets and the one table from logical axes to mesh axes.
+
+Every parameter carries `logical_axes` metadata (`alpamayo_jax.nn.axes`). `LOGICAL_RULES` maps
+each logical name to a mesh axis (or None: replicated along that dimension); nothing else decides
+placement. The mesh has two axes: `data` (batch rows: clips x samples) and `model` (tensor
+parallelism over attention heads, feed-forward width and vocabulary).
+
+The same model code runs with no mesh, on one device, or sharded: load the parameters with
+`param_shardings` (the loaders' `place`/`sharding` hooks, or `shard_model` afterwards), and
+`jax.jit` propagates the placement through the computation.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from alpamayo_jax.io.assign import module_variables
+
+MESH_AXES = ("data", "model")
+
+# logical axis -> mesh axis. Only dimensions that are large and split evenly are sharded:
+# heads (query, key/value), feed-forward widths and the vocabulary. Widths that every token's
+# residual stream carries (embed, head_dim) stay whole, so tensor parallelism needs one all-reduce
+# per attention and feed-forward block.
+LOGICAL_RULES: dict[str, str | None] = {
+    "batch": "data",
+    "vocab": "model",
+    "heads": "model",
+    "kv_heads": "model",
+    "mlp": "model",
+    "embed": None,
+    "head_dim": None,
+    "vision_embed": None,
+    "vision_qkv": "model",
+    "vision_heads_dim": "model",
+    "vision_mlp": "model",
+    "vision_patch": None,
+    "vision_positions": None,
+    "merger": None,
+    "merger_hidden": "model",
+    "action_features": None,
+    "action_hidden": None,
+    "action_dim": None,
+    "fourier": None,
+}
+
+MESH_PRESETS: dict[str, tuple[int, int]] = {  # name -> (data, model)
+    "single": (1, 1),
+    "model2": (1, 2),
+    "model4": (1, 4),
+    "model8": (1, 8),
+    "data2": (2, 1),
+    "data8": (8, 1),
+    "data2_model2": (2, 2),
+    "data2_model4": (2, 4),
+    "data4_model2": (4, 2),
+}
+
+
+class ShardingError(ValueError):
+    """A mesh, rule or parameter that cannot be placed as asked."""
+
+
+def mesh_shape(preset: str | tuple[int, int]) -> tuple[int, int]:
+    """(data, model) for a preset name, a "DxM" string or a tuple."""
+    if isinstance(preset, tuple):
+        shape = preset
+    elif preset in MESH_PRESETS:
+        shape = MESH_PRESETS[preset]
+    elif re.fullmatch(r"\d+x\d+", str(preset)):
+        shape = tuple(int(n) for n in str(preset).split("x"))
+    else:
+        raise ShardingError(f"unknown mesh {preset!r}: use one of {sorted(MESH_PRESETS)} or 'DATAxMODEL'")
+    if len(shape) != 2 or min(shape) < 1:
+        raise ShardingError(f"mesh shape must be two positive sizes (data, model), got {shape}")
+    return shape
+
+
+def make_mesh(preset: str | tuple[int, int], devices=None) -> Mesh:
+    """A ("data", "model") mesh over the first data x model devices (all hosts' devices under
+    `jax.distributed`)."""
+    data, model = mesh_shape(preset)
+    devices = list(jax.devices() if devices is None else devices)
+    if data * model > len(devices):
+        raise ShardingError(f"mesh {data}x{model} needs {data * model} devices, {len(devices)} available")
+    return Mesh(np.asarray(devices[: data * model]).reshape(data, model), MESH_AXES)
+
+
+def partition_spec(logical_axes: tuple[str | None, ...], rules: Mapping[str, str | None] = LOGICAL_RULES
+                   ) -> PartitionSpec:
+    """The mesh placement of an array whose dimensions have these logical names. Raises on an
+    unknown name or when two dimensions would use the same mesh axis."""
+    unknown = [n for n in logical_axes if n is not None and n not in rules]
+    if unknown:
+        raise ShardingError(f"logical axes {unknown} have no rule (known: {sorted(rules)})")
+    mesh_axes = [None if n is None else rules[n] for n in logical_axes]
+    used = [a for a in mesh_axes if a is not None]
+    if len(used) != len(set(used)):
+        raise ShardingError(f"logical axes {logical_axes} map two dimensions to the same mesh axis: {mesh_axes}")
+    return PartitionSpec(*mesh_axes)
+
+
+def sharding_for(mesh: Mesh, shape: tuple[int, ...], logical_axes: tuple[str | None, ...], *, name: str,
+                 rules: Mapping[str, str | None] = LOGICAL_RULES) -> NamedSharding:
+    """`NamedSharding` of one array; raises when a sharded dimension does not divide evenly (for
+    example 3 key/value heads over a model axis of 2)."""
+    spec = partition_spec(logical_axes, rules)
+    for dim, (size, axis) in enumerate(zip(shape, spec, strict=True)):
+        if axis is not None and size % mesh.shape[axis]:
+            raise ShardingError(
+                f"{name}: dimension {dim} ({logical_axes[dim]}, size {size}) does not divide over mesh axis "
+                f"{axis!r} of size {mesh.shape[axis]}; choose a mesh whose {axis} axis divides it")
+    return NamedSharding(mesh, spec)
+
+
+def param_shardings(model: nnx.Module, mesh: Mesh, rules: Mapping[str, str | None] = LOGICAL_RULES
+                    ) -> dict[str, NamedSharding]:
+    """parameter path -> sharding, for a concrete or abstract (`nnx.eval_shape`) model. Every
+    problem (missing metadata, indivisible dimension) is reported at once."""
+    result, problems = {}, []
+    for path, variable in module_variables(model).items():
+        names = variable.get_metadata().get("logical_axes")
+        if names is None or len(names) != len(variable.shape):
+            problems.append(f"{path}: logical_axes {names} do not describe shape {tuple(variable.shape)}")
+            continue
+        try:
+            result[path] = sharding_for(mesh, tuple(variable.shape), names, name=path, rules=rules)
+        except ShardingError as error:
+            problems.append(str(error))
+    if problems:
+        raise ShardingError("cannot place the model on this mesh:\n  " + "\n  ".join(problems))
+    return result
+
+
+def shard_model(model: nnx.Module, mesh: Mesh) -> dict[str, NamedSharding]:
+    """Moves every parameter of a concrete model to its sharding; returns the shardings."""
+    shardings = param_shardings(model, mesh)
+    for path, variable in module_variables(model).items():
+        variable.set_value(jax.device_put(variable.get_value(), shardings[path]))
+    return shardings
+
+
+def batch_sharding(mesh: Mesh, ndim: int, batch_axis: int = 0) -> NamedSharding:
+    """Rows split over the `data` axis, everything else replicated."""
+    spec = [None] * ndim
+    spec[batch_axis] = LOGICAL_RULES["batch"]
+    return NamedSharding(mesh, PartitionSpec(*spec))
+
+
+def bytes_per_device(model: nnx.Module) -> dict[jax.Device, int]:
+    """Parameter bytes held by each device (replicated arrays count on every device)."""
+    totals: dict[jax.Device, int] = {}
+    for variable in module_variables(model).values():
+        for shard in variable.get_value().addressable_shards:
+            totals[shard.device] = totals.get(shard.device, 0) + shard.data.nbytes
+    return totals
