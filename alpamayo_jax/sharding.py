@@ -146,13 +146,6 @@ def shard_model(model: nnx.Module, mesh: Mesh) -> dict[str, NamedSharding]:
     return shardings
 
 
-def batch_sharding(mesh: Mesh, ndim: int, batch_axis: int = 0) -> NamedSharding:
-    """Rows split over the `data` axis, everything else replicated."""
-    spec = [None] * ndim
-    spec[batch_axis] = LOGICAL_RULES["batch"]
-    return NamedSharding(mesh, PartitionSpec(*spec))
-
-
 def bytes_per_device(model: nnx.Module) -> dict[jax.Device, int]:
     """Parameter bytes held by each device (replicated arrays count on every device)."""
     totals: dict[jax.Device, int] = {}

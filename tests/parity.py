@@ -1,4 +1,5 @@
-"""Error measures for parity assertions: every failure message prints the errors it saw."""
+"""Parity-test helpers: error measures whose assertions print the errors they saw, and the
+reference fixture's tensors in this project's layouts."""
 
 from __future__ import annotations
 
@@ -23,3 +24,11 @@ def assert_close(actual, expected, rel: float, name: str) -> float:
     print(message)
     assert rel_err <= rel, message
     return rel_err
+
+
+def fixture_cache(golden, kind: str, length: int) -> np.ndarray:
+    """The fixture's post-generation keys or values (`kind` "k" or "v") in this project's
+    (L, B, S, K, H) cache layout, first `length` positions; the fixture stores (B, K, S, H) per layer."""
+    layers = sorted(int(key.rsplit(".", 1)[1]) for key in golden if key.startswith(f"gen.kv_cache.{kind}."))
+    return np.stack([golden[f"gen.kv_cache.{kind}.{layer}"] for layer in layers]).transpose(0, 1, 3, 2, 4)[
+        :, :, :length]

@@ -24,7 +24,7 @@ from alpamayo_jax.inference.flow_matching import (
 )
 from alpamayo_jax.inference.kv_cache import KVCache
 from alpamayo_jax.models.expert import expert_attention_bias, expert_context, run_expert
-from tests.parity import assert_close
+from tests.parity import assert_close, fixture_cache
 
 NUM_WAYPOINTS = 64
 MAIN_CACHE_LENGTH, MAIN_OFFSET = 258, 258  # fixture README: offset = first <|traj_future_start|> + 1
@@ -34,9 +34,7 @@ SHORT_CACHE_LENGTH, SHORT_OFFSET = 255, 256  # no <|traj_future_start|>: offset 
 def reference_cache(golden, length: int, capacity: int | None = None) -> KVCache:
     """The fixture's post-generation cache in this project's (L, B, S, K, H) layout, in a buffer of
     `capacity` slots of which the first `length` are filled."""
-    layers = range(tiny().text.num_hidden_layers)
-    k = np.stack([golden[f"gen.kv_cache.k.{layer}"] for layer in layers]).transpose(0, 1, 3, 2, 4)[:, :, :length]
-    v = np.stack([golden[f"gen.kv_cache.v.{layer}"] for layer in layers]).transpose(0, 1, 3, 2, 4)[:, :, :length]
+    k, v = fixture_cache(golden, "k", length), fixture_cache(golden, "v", length)
     pad = [(0, 0), (0, 0), (0, (capacity or length) - length), (0, 0), (0, 0)]
     return KVCache(k=jnp.asarray(np.pad(k, pad)), v=jnp.asarray(np.pad(v, pad)),
                    length=jnp.asarray(length, jnp.int32))

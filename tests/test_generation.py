@@ -35,7 +35,7 @@ from alpamayo_jax.inference.sampling import (
     top_p_filter,
     warp_logits,
 )
-from tests.parity import assert_close
+from tests.parity import assert_close, fixture_cache
 
 CONFIG = tiny()
 PAD = 480  # <|endoftext|> of the fixture tokenizer (golden.json vlm_dir_info)
@@ -54,13 +54,6 @@ def fixture_config(max_new_tokens: int, sampling=GREEDY) -> GenerationConfig:
 
 def prompt(golden):
     return golden["fused.input_ids"], golden["processor.pixel_values"], golden["processor.image_grid_thw"]
-
-
-def reference_cache(golden, kind: str, length: int) -> np.ndarray:
-    """(L, B, length, K, H) from the fixture's per-layer (B, K, S, H) tensors."""
-    layers = range(CONFIG.text.num_hidden_layers)
-    return np.stack([golden[f"gen.kv_cache.{kind}.{layer}"] for layer in layers]).transpose(0, 1, 3, 2, 4)[
-        :, :, :length]
 
 
 def check_step_logits(actual, expected, name):
@@ -102,7 +95,7 @@ def test_main_rollout_matches_reference(main_run, golden):
     assert int(run.cache.length) == 258 == PROMPT_LENGTH + steps - 1
     assert run.cache.capacity == PROMPT_LENGTH + 24 - 1
     for kind in ("k", "v"):
-        assert_close(getattr(run.cache, kind)[:, :, :258], reference_cache(golden, kind, 258), rel=1e-5,
+        assert_close(getattr(run.cache, kind)[:, :, :258], fixture_cache(golden, kind, 258), rel=1e-5,
                      name=f"gen.kv_cache.{kind}")
     assert not np.asarray(run.cache.k[:, :, 258:]).any()
 
@@ -125,7 +118,7 @@ def test_short_rollout_matches_reference(short_run, golden):
     check_step_logits(run.logits, golden["short.gen.step_logits"], "short.gen.step_logits")
     assert int(run.cache.length) == 255
     for kind in ("k", "v"):  # the same tokens as the first 255 of the main rollout's cache
-        assert_close(getattr(run.cache, kind)[:, :, :255], reference_cache(golden, kind, 255), rel=1e-5,
+        assert_close(getattr(run.cache, kind)[:, :, :255], fixture_cache(golden, kind, 255), rel=1e-5,
                      name=f"short cache {kind}")
     np.testing.assert_array_equal(np.asarray(run.has_stop_token), [False])
     np.testing.assert_array_equal(np.asarray(run.offsets), [256])
