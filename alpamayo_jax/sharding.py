@@ -6,8 +6,15 @@ placement. The mesh has two axes: `data` (batch rows: clips x samples) and `mode
 parallelism over attention heads, feed-forward width and vocabulary).
 
 The same model code runs with no mesh, on one device, or sharded: load the parameters with
-`param_shardings` (the loaders' `place`/`sharding` hooks, or `shard_model` afterwards), and
-`jax.jit` propagates the placement through the computation.
+`param_shardings` (the loaders' `place`/`sharding` hooks, or `shard_model` afterwards) and run
+under `jax.set_mesh(mesh)`. Inside jit, `constrain` pins the activations that decide the layout
+(the KV cache: rows over `data`, key/value heads over `model`; the batch rows of the inputs and
+the flow noise) with the same table, and XLA propagates placement to everything else. Outside a
+mesh `constrain` does nothing, so single-device code is unchanged.
+
+Several hosts: call `start_distributed` (`jax.distributed.initialize`) first in every process;
+meshes then span all hosts' devices, every process runs the same program on the same host inputs,
+and `to_host` gathers results.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from collections.abc import Mapping
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from alpamayo_jax.io.assign import module_variables
@@ -48,7 +56,14 @@ LOGICAL_RULES: dict[str, str | None] = {
     "action_hidden": None,
     "action_dim": None,
     "fourier": None,
+    # activations (not parameters)
+    "layers": None,
+    "sequence": None,
+    "cache_length": None,
 }
+
+# Logical axes of the key/value cache (L, B, S, K, H).
+KV_CACHE_AXES = ("layers", "batch", "cache_length", "kv_heads", "head_dim")
 
 MESH_PRESETS: dict[str, tuple[int, int]] = {  # name -> (data, model)
     "single": (1, 1),
@@ -106,17 +121,69 @@ def partition_spec(logical_axes: tuple[str | None, ...], rules: Mapping[str, str
     return PartitionSpec(*mesh_axes)
 
 
+def _indivisible(shape: tuple[int, ...], spec: PartitionSpec, axis_sizes: Mapping[str, int]) -> list[int]:
+    """Dimensions that a mesh axis would split unevenly."""
+    missing = [a for a in spec if a is not None and a not in axis_sizes]
+    if missing:
+        raise ShardingError(f"the mesh has no axis {missing[0]!r} (axes {tuple(axis_sizes)}); use make_mesh")
+    return [dim for dim, (size, axis) in enumerate(zip(shape, spec, strict=True))
+            if axis is not None and size % axis_sizes[axis]]
+
+
+def _indivisible_error(name: str, dim: int, shape, logical_axes, spec, axis_sizes) -> ShardingError:
+    axis = spec[dim]
+    return ShardingError(
+        f"{name}: dimension {dim} ({logical_axes[dim]}, size {shape[dim]}) does not divide over mesh axis "
+        f"{axis!r} of size {axis_sizes[axis]}; choose a mesh whose {axis} axis divides it")
+
+
 def sharding_for(mesh: Mesh, shape: tuple[int, ...], logical_axes: tuple[str | None, ...], *, name: str,
                  rules: Mapping[str, str | None] = LOGICAL_RULES) -> NamedSharding:
     """`NamedSharding` of one array; raises when a sharded dimension does not divide evenly (for
     example 3 key/value heads over a model axis of 2)."""
     spec = partition_spec(logical_axes, rules)
-    for dim, (size, axis) in enumerate(zip(shape, spec, strict=True)):
-        if axis is not None and size % mesh.shape[axis]:
-            raise ShardingError(
-                f"{name}: dimension {dim} ({logical_axes[dim]}, size {size}) does not divide over mesh axis "
-                f"{axis!r} of size {mesh.shape[axis]}; choose a mesh whose {axis} axis divides it")
+    uneven = _indivisible(tuple(shape), spec, mesh.shape)
+    if uneven:
+        raise _indivisible_error(name, uneven[0], shape, logical_axes, spec, mesh.shape)
     return NamedSharding(mesh, spec)
+
+
+def constrain(x: jax.Array, logical_axes: tuple[str | None, ...], *, name: str = "activation",
+              replicate_uneven: bool = False) -> jax.Array:
+    """Pins an activation inside jit to the table's placement on the mesh set with
+    `jax.set_mesh`; returns `x` unchanged when no mesh is set.
+
+    A dimension that does not divide over its mesh axis raises `ShardingError`, or, with
+    `replicate_uneven`, stays whole on every device (used for prompts when there are fewer clips
+    than data shards: the rows they expand into are split instead).
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    spec = partition_spec(logical_axes)
+    uneven = _indivisible(tuple(x.shape), spec, mesh.shape)
+    if uneven and not replicate_uneven:
+        raise _indivisible_error(name, uneven[0], x.shape, logical_axes, spec, mesh.shape)
+    spec = PartitionSpec(*(None if dim in uneven else axis for dim, axis in enumerate(spec)))
+    return jax.lax.with_sharding_constraint(x, spec)
+
+
+def start_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
+                      process_id: int | None = None) -> None:
+    """Joins this process to a multi-host run; call it in every process before anything else
+    touches JAX. Without arguments, JAX reads the cluster environment (SLURM, Open MPI, Kubernetes
+    or the JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID variables). CPU processes
+    exchange data through gloo (no effect on GPUs, which use NCCL)."""
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                               process_id=process_id)
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    """The whole value of a (possibly sharded, possibly multi-host) array as numpy."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
 
 
 def param_shardings(model: nnx.Module, mesh: Mesh, rules: Mapping[str, str | None] = LOGICAL_RULES

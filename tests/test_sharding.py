@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from jax.sharding import PartitionSpec
 
@@ -25,7 +27,8 @@ from alpamayo_jax.sharding import (
     partition_spec,
 )
 
-SCRIPT = Path(__file__).parent / "multidevice" / "tensor_parallel.py"
+SCRIPT = Path(__file__).parent / "multidevice" / "parallel_pipeline.py"
+MULTI_HOST_SCRIPT = Path(__file__).parent / "multidevice" / "multi_host.py"
 
 
 def test_every_logical_axis_has_a_rule():
@@ -66,8 +69,8 @@ def multidevice(fixture_dir):
     return json.loads(line[len("RESULT "):])
 
 
-@pytest.mark.parametrize("preset", ["model2", "data2_model2", "data4_model2"])
-def test_tensor_parallel_matches_single_device(multidevice, preset):
+@pytest.mark.parametrize("preset", ["model2", "data2", "data8", "data2_model2", "data4_model2"])
+def test_parallel_pipeline_matches_single_device(multidevice, preset):
     result = multidevice[preset]
     print(f"{preset}: xyz relative error {result['xyz_relative_error']:.2e}, actions "
           f"{result['actions_relative_error']:.2e}, parameter bytes per device {result['bytes_per_device']} "
@@ -77,8 +80,22 @@ def test_tensor_parallel_matches_single_device(multidevice, preset):
     assert result["xyz_relative_error"] <= 1e-5 and result["actions_relative_error"] <= 1e-5
     assert result["placed_as_table"]
     assert result["kv_proj_spec"] == str(PartitionSpec(None, "model", None))
-    # Sharded heads, feed-forward widths and vocabulary: each device holds well under the total.
-    assert max(result["bytes_per_device"]) < 0.6 * multidevice["single_device_bytes"]
+    data, model = mesh_shape(preset)
+    if model > 1:  # sharded heads, feed-forward widths and vocabulary: well under the total each
+        assert max(result["bytes_per_device"]) < 0.6 * multidevice["single_device_bytes"]
+    else:  # data parallel: a full replica on every device
+        assert result["bytes_per_device"] == [multidevice["single_device_bytes"]]
+    # The cache: 8 rows over data, 2 key/value heads over model (L, B, S, K, H).
+    cache = result["kv_cache"]
+    print(f"{preset}: KV cache {cache['shape']} as {cache['spec']}, {cache['block']} per device")
+    assert cache["spec"] == [None, "data" if data > 1 else None, None, "model" if model > 1 else None, None]
+    assert cache["block"] == [cache["shape"][0], 8 // data, cache["shape"][2], 2 // model, cache["shape"][4]]
+
+
+def test_rows_that_do_not_divide_over_data_are_a_clear_error(multidevice):
+    error = multidevice["uneven_rows_error"]
+    assert error is not None
+    assert "KV cache keys: dimension 1 (batch, size 3) does not divide over mesh axis 'data' of size 2" in error
 
 
 def test_indivisible_dimension_is_a_clear_error(multidevice):
@@ -93,3 +110,34 @@ def test_bundle_loads_straight_into_shardings(multidevice):
     assert bundle["tokens"] == multidevice["reference_tokens"]
     assert bundle["lm_head_spec"] == str(PartitionSpec(None, "model"))
     assert bundle["lm_head_shard_shape"] == [64, 778 // 2]
+
+
+@pytest.fixture(scope="module")
+def multi_host(fixture_dir):
+    """Two processes on this machine, joined by `start_distributed` into one mesh."""
+    with socket.socket() as probe:  # a free port for the coordinator
+        probe.bind(("localhost", 0))
+        port = str(probe.getsockname()[1])
+    env = {**os.environ, "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")}
+    processes = [subprocess.Popen([sys.executable, str(MULTI_HOST_SCRIPT), str(fixture_dir), str(index), port],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                 for index in range(2)]
+    results = []
+    for process in processes:
+        stdout, stderr = process.communicate(timeout=900)
+        assert process.returncode == 0, stderr[-3000:]
+        line = next(line for line in stdout.splitlines() if line.startswith("RESULT "))
+        results.append(json.loads(line[len("RESULT "):]))
+    return results
+
+
+def test_two_processes_match_single_device(multi_host, multidevice):
+    reference = np.asarray(multidevice["reference_xyz"])
+    for result in multi_host:
+        error = float(np.abs(np.asarray(result["xyz"]) - reference).max()) / float(np.abs(reference).max())
+        print(f"process {result['process_index']} of {result['process_count']}: {result['local_devices']} of "
+              f"{result['global_devices']} devices, xyz relative error {error:.2e}")
+        assert (result["process_count"], result["global_devices"], result["local_devices"]) == (2, 8, 4)
+        assert result["lm_head_addressable_shards"] == 4  # each process holds its own devices' shards only
+        assert result["tokens"] == multidevice["reference_tokens"]
+        assert error <= 1e-5

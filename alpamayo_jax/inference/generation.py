@@ -48,6 +48,7 @@ from alpamayo_jax.models.expert import ExpertContext, expert_context
 from alpamayo_jax.models.vision import as_image_grid
 from alpamayo_jax.models.vlm import check_image_placeholders
 from alpamayo_jax.processing.rope_index import get_rope_index
+from alpamayo_jax.sharding import constrain, to_host
 
 # (tokens (B, 1) int32, position_ids (3, B, 1) int32, cache) -> (logits (B, V) float32, cache)
 StepFn = Callable[[jax.Array, jax.Array, KVCache], tuple[jax.Array, KVCache]]
@@ -159,7 +160,7 @@ class GenerationResult:
         if rows % prompt_ids.shape[0]:
             raise ValueError(f"{prompt_ids.shape[0]} prompts do not divide {rows} rows")
         prompts = np.repeat(prompt_ids, rows // prompt_ids.shape[0], axis=0)
-        generated = np.asarray(self.raw_tokens if raw else self.tokens)[:, : int(self.num_steps)]
+        generated = to_host(self.raw_tokens if raw else self.tokens)[:, : int(self.num_steps)]
         return np.concatenate([prompts, generated.astype(prompts.dtype)], axis=1)
 
 
@@ -280,6 +281,10 @@ def _prefill(graphdef, params, input_ids, pixel_values, position_ids, rope_delta
     """Multimodal prefill of C prompts into a fresh cache of C * num_samples rows.
     Returns (cache, last-position logits (B, V) float32, rope_deltas (B,))."""
     model = nnx.merge(graphdef, params)
+    # Under a mesh, clips split over `data` when they divide it (else the prefill is replicated and
+    # the rows it expands into are split: the cache's placement is strict).
+    input_ids = constrain(input_ids, ("batch", "sequence"), replicate_uneven=True)
+    position_ids = constrain(position_ids, (None, "batch", "sequence"), replicate_uneven=True)
     out = model(input_ids, pixel_values=pixel_values, image_grid_thw=image_grid_thw,
                 position_ids=position_ids, last_logits_only=True)
     k, v, logits = out.k, out.v, out.logits[:, -1].astype(jnp.float32)

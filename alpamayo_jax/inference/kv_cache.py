@@ -9,13 +9,16 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from alpamayo_jax.sharding import KV_CACHE_AXES, constrain
+
 
 @struct.dataclass
 class KVCache:
     """Keys (after k_norm and rotary) and values of every layer, filled up to `length`.
 
     All rows share one length: prompts of one batch have equal length, and rows that finished
-    generating keep being fed padding, as in the reference.
+    generating keep being fed padding, as in the reference. Under a mesh (`jax.set_mesh`), rows are
+    split over `data` and key/value heads over `model` (`alpamayo_jax.sharding.KV_CACHE_AXES`).
     """
 
     k: jax.Array  # (L, B, S, K, H)
@@ -26,7 +29,13 @@ class KVCache:
     def empty(cls, *, num_layers: int, batch: int, capacity: int, num_kv_heads: int, head_dim: int,
               dtype=jnp.float32) -> KVCache:
         shape = (num_layers, batch, capacity, num_kv_heads, head_dim)
-        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), length=jnp.zeros((), jnp.int32))
+        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+                   length=jnp.zeros((), jnp.int32)).constrained()
+
+    def constrained(self) -> KVCache:
+        """The cache pinned to its placement on the current mesh (unchanged without one)."""
+        return self.replace(k=constrain(self.k, KV_CACHE_AXES, name="KV cache keys"),
+                            v=constrain(self.v, KV_CACHE_AXES, name="KV cache values"))
 
     @property
     def capacity(self) -> int:
@@ -52,4 +61,4 @@ class KVCache:
             k=jax.lax.dynamic_update_slice(self.k, k_new.astype(self.k.dtype), start),
             v=jax.lax.dynamic_update_slice(self.v, v_new.astype(self.v.dtype), start),
             length=self.length + num_new,
-        )
+        ).constrained()

@@ -11,6 +11,7 @@ Shapes: C clips, S samples per clip, W waypoints (64), L prompt length, H histor
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
@@ -39,23 +40,29 @@ from alpamayo_jax.processing.prompt import (
     load_chat_template,
 )
 from alpamayo_jax.processing.tokenizer import ExtendedTokenizer, build_tokenizer, extract_cot, load_tokenizer
+from alpamayo_jax.sharding import constrain, to_host
 
 
 @dataclasses.dataclass(frozen=True)
 class Pipeline:
-    """Everything inference needs, loaded from local files only."""
+    """Everything inference needs, loaded from local files only. With a `mesh`, the parameters
+    live in their shardings on it and every run is placed by `alpamayo_jax.sharding`'s table:
+    batch rows over `data` (data parallel over clips and samples), heads, feed-forward widths and
+    the vocabulary over `model` (tensor parallel)."""
 
     model: AlpamayoR1
     config: AlpamayoConfig
     tokenizer: ExtendedTokenizer
     chat_template: str
+    mesh: jax.sharding.Mesh | None = None
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, dtype=None, processor_dir: str | os.PathLike | None = None,
              mesh: jax.sharding.Mesh | None = None) -> Pipeline:
         """From a converted bundle (its `processor/`), or from a Hugging Face checkpoint directory
         plus `processor_dir` (tokenizer, chat template; the tokenizer is extended here). With
-        `mesh`, parameters are loaded straight into their shardings (tensor parallel)."""
+        `mesh` (`alpamayo_jax.sharding.make_mesh`), parameters are loaded straight into their
+        shardings and runs are placed on it."""
         model, config = load_model(path, dtype=dtype, processor_dir=processor_dir, mesh=mesh)
         if is_bundle(path):
             processor = Path(path) / PROCESSOR_DIR
@@ -65,7 +72,11 @@ class Pipeline:
         else:
             processor = Path(processor_dir)
             tokenizer = build_tokenizer(processor, config)
-        return cls(model, config, tokenizer, load_chat_template(processor))
+        return cls(model, config, tokenizer, load_chat_template(processor), mesh)
+
+    def on_mesh(self) -> contextlib.AbstractContextManager:
+        """The context runs happen in: `jax.set_mesh(self.mesh)`, or nothing without a mesh."""
+        return contextlib.nullcontext() if self.mesh is None else jax.set_mesh(self.mesh)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +96,7 @@ class TrajectorySamples:
 def _denoise(graphdef: nnx.GraphDef, state: nnx.State, noise: jax.Array, context: ExpertContext,
              num_steps: int) -> jax.Array:
     model = nnx.merge(graphdef, state)
+    noise = constrain(noise, ("batch", None, None), name="flow noise")
     return euler_sample(lambda x, t: model.action_velocity(x, t, context), noise, num_steps).actions
 
 
@@ -119,8 +131,9 @@ def sample_from_inputs(
 ) -> TrajectorySamples:
     """Reasoning rollout, flow matching and rollout on already-processed inputs.
 
-    The same key gives the same result. Rows are clip-major (row = clip * S + sample), which is
-    also the order of `noise`."""
+    The same key gives the same result, with or without a mesh. Rows are clip-major
+    (row = clip * S + sample), which is also the order of `noise`. On a mesh the C * S rows must
+    divide over its data axis (`ShardingError` otherwise)."""
     config, model = pipeline.config, pipeline.model
     timings: dict[str, float] = {}
     start = time.perf_counter()
@@ -143,24 +156,25 @@ def sample_from_inputs(
                                                                       top_k=top_k)
     generation_config = GenerationConfig.for_alpamayo(config, pad_token_id=pipeline.tokenizer.pad_token_id,
                                                       max_new_tokens=max_new_tokens, sampling=sampling)
-    result = generate(model, fused_input_ids, pixel_values, image_grid_thw, config=generation_config,
-                      key=generation_key, num_samples=num_samples)
-    num_steps = int(result.num_steps)  # the one host sync of the rollout, after the loop
-    start = _timed(timings, "generate", start)
+    with pipeline.on_mesh():
+        result = generate(model, fused_input_ids, pixel_values, image_grid_thw, config=generation_config,
+                          key=generation_key, num_samples=num_samples)
+        num_steps = int(result.num_steps)  # the one host sync of the rollout, after the loop
+        start = _timed(timings, "generate", start)
 
-    graphdef, state = nnx.split(model)
-    actions = _denoise(graphdef, state, noise, result.expert_context(waypoints), num_flow_steps)
-    actions.block_until_ready()
-    start = _timed(timings, "flow_matching", start)
+        graphdef, state = nnx.split(model)
+        actions = _denoise(graphdef, state, noise, result.expert_context(waypoints), num_flow_steps)
+        actions.block_until_ready()
+        start = _timed(timings, "flow_matching", start)
 
-    xyz, rotation = _rollout(actions, np.repeat(hist_xyz, num_samples, axis=0),
-                             np.repeat(hist_rot, num_samples, axis=0), model.action_space.stats(),
-                             action_space=config.action_space)
-    xyz, rotation = np.asarray(xyz), np.asarray(rotation)
-    start = _timed(timings, "rollout", start)
+        xyz, rotation = _rollout(actions, np.repeat(hist_xyz, num_samples, axis=0),
+                                 np.repeat(hist_rot, num_samples, axis=0), model.action_space.stats(),
+                                 action_space=config.action_space)
+        xyz, rotation, actions = to_host(xyz), to_host(rotation), to_host(actions)
+        start = _timed(timings, "rollout", start)
 
-    raw = np.asarray(result.raw_tokens)[:, :num_steps]
-    cot = extract_cot(pipeline.tokenizer, result.sequences(fused_input_ids))
+        raw = to_host(result.raw_tokens)[:, :num_steps]
+        cot = extract_cot(pipeline.tokenizer, result.sequences(fused_input_ids))
     _timed(timings, "decode_text", start)
 
     def per_clip(array):
@@ -169,7 +183,7 @@ def sample_from_inputs(
     return TrajectorySamples(
         xyz=per_clip(xyz),
         rotation=per_clip(rotation),
-        actions=per_clip(np.asarray(actions)),
+        actions=per_clip(actions),
         generated_token_ids=[[raw[c * num_samples + s].tolist() for s in range(num_samples)] for c in range(clips)],
         cot=[[cot[c * num_samples + s] for s in range(num_samples)] for c in range(clips)],
         timings=timings,

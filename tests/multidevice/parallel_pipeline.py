@@ -1,6 +1,8 @@
-"""Run with 8 CPU devices (tests/test_sharding.py starts it): the tiny pipeline with its parameters
-sharded over each mesh preset gives the single-device tokens and trajectories. Prints JSON."""
+"""Run with 8 CPU devices (tests/test_sharding.py starts it): the tiny pipeline on each mesh preset
+(rows over `data`, parameters over `model`) gives the single-device tokens and trajectories.
+Prints JSON."""
 
+import dataclasses
 import json
 import os
 import sys
@@ -15,6 +17,7 @@ from safetensors.numpy import load_file  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
+from alpamayo_jax.inference.generation import GenerationConfig, generate  # noqa: E402
 from alpamayo_jax.inference.pipeline import Pipeline, prepare_clips, sample_from_inputs  # noqa: E402
 from alpamayo_jax.io.assign import module_variables  # noqa: E402
 from alpamayo_jax.io.convert import convert_checkpoint  # noqa: E402
@@ -30,18 +33,34 @@ from alpamayo_jax.sharding import (  # noqa: E402
 fixture = sys.argv[1]
 golden = load_file(f"{fixture}/golden.safetensors")
 history = golden["input.ego_history_xyz"][0], golden["input.ego_history_rot"][0]
+# Two clips of equal image sizes: the fixture's cameras, and the same cameras in reverse order.
+frames = [golden["input.image_frames"], golden["input.image_frames"][::-1]]
 
 
 def load(mesh=None):
     return Pipeline.load(f"{fixture}/hf", processor_dir=f"{fixture}/vlm", mesh=mesh)
 
 
-def run(pipeline):
-    inputs = prepare_clips(pipeline, [golden["input.image_frames"]], [history[0][0]], [history[1][0]])
-    samples = sample_from_inputs(pipeline, inputs["fused_input_ids"], inputs["pixel_values"],
-                                 inputs["image_grid_thw"], *history, jax.random.key(3), num_samples=2,
-                                 temperature=1.0, max_new_tokens=12)
-    return samples
+def run(pipeline, clips=2, num_samples=4):
+    """clips x num_samples rows (8 by default: every preset's data axis divides them)."""
+    inputs = prepare_clips(pipeline, frames[:clips], [history[0][0]] * clips, [history[1][0]] * clips)
+    return sample_from_inputs(pipeline, inputs["fused_input_ids"], inputs["pixel_values"],
+                              inputs["image_grid_thw"], np.repeat(history[0], clips, 0),
+                              np.repeat(history[1], clips, 0), jax.random.key(3), num_samples=num_samples,
+                              temperature=1.0, max_new_tokens=12)
+
+
+def kv_cache_placement(pipeline):
+    """The rollout's KV cache under the pipeline's mesh: partition spec and one device's block."""
+    inputs = prepare_clips(pipeline, frames, [history[0][0]] * 2, [history[1][0]] * 2)
+    config = GenerationConfig.for_alpamayo(pipeline.config, pad_token_id=pipeline.tokenizer.pad_token_id,
+                                           max_new_tokens=4)
+    with pipeline.on_mesh():
+        cache = generate(pipeline.model, inputs["fused_input_ids"], inputs["pixel_values"],
+                         inputs["image_grid_thw"], config=config, key=jax.random.key(0), num_samples=4).cache
+    spec = list(cache.k.sharding.spec)
+    return {"spec": spec + [None] * (cache.k.ndim - len(spec)), "shape": list(cache.k.shape),
+            "block": list(cache.k.addressable_shards[0].data.shape)}
 
 
 report = {"devices": len(jax.devices())}
@@ -49,13 +68,14 @@ single = load()
 report["single_device_bytes"] = sum(bytes_per_device(single.model).values())
 reference = run(single)
 report["reference_tokens"] = reference.generated_token_ids
-for preset in ["model2", "data2_model2", "data4_model2"]:
+report["reference_xyz"] = reference.xyz.tolist()
+for preset in ["model2", "data2", "data8", "data2_model2", "data4_model2"]:
     mesh = make_mesh(preset)
     if preset == "model2":  # each tensor streamed straight into its sharding
         pipeline = load(mesh)
         shardings = param_shardings(pipeline.model, mesh)
     else:  # or a loaded model moved afterwards
-        pipeline = load()
+        pipeline = dataclasses.replace(load(), mesh=mesh)
         shardings = shard_model(pipeline.model, mesh)
     placed_as_table = all(
         variable.get_value().sharding.spec == partition_spec(variable.get_metadata()["logical_axes"])
@@ -71,6 +91,7 @@ for preset in ["model2", "data2_model2", "data4_model2"]:
         "placed_as_table": placed_as_table,
         "kv_proj_spec": str(shardings["vlm.language_model.layers.0.self_attn.k_proj.kernel"].spec),
         "bytes_per_device": sorted(set(per_device.values())),
+        "kv_cache": kv_cache_placement(pipeline),
     }
 
 # A converted bundle restores straight into the shardings too.
@@ -80,6 +101,13 @@ from_bundle = Pipeline.load(bundle, mesh=make_mesh("model2"))
 kernel = from_bundle.model.vlm.lm_head.kernel.get_value()
 report["bundle"] = {"tokens": run(from_bundle).generated_token_ids, "lm_head_spec": str(kernel.sharding.spec),
                     "lm_head_shard_shape": list(kernel.addressable_shards[0].data.shape)}
+
+# Rows that do not divide over the data axis (1 clip x 3 samples over 2) are an error.
+try:
+    run(load(make_mesh("data2")), clips=1, num_samples=3)
+    report["uneven_rows_error"] = None
+except ShardingError as error:
+    report["uneven_rows_error"] = str(error)
 
 # A model axis that does not divide the key/value heads (2 over 4) is an error naming the parameter.
 try:
