@@ -1,4 +1,4 @@
-"""Command line: `alpamayo-jax demo | infer | convert | export | verify`."""
+"""Command line: `alpamayo-jax demo | infer | batch | convert | export | verify`."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ def _run_pipeline(pipeline, args, *, clip=None, inputs=None) -> dict:
     import jax
     import numpy as np
 
+    from alpamayo_jax.inference.batch import result_record
     from alpamayo_jax.inference.pipeline import fuse_precomputed, sample_from_inputs, sample_trajectories
 
     options = dict(num_samples=args.num_samples, temperature=args.temperature, top_p=args.top_p,
@@ -26,14 +27,7 @@ def _run_pipeline(pipeline, args, *, clip=None, inputs=None) -> dict:
     else:
         samples = sample_trajectories(pipeline, clip, key, **options)
         history = clip.ego_history_xyz
-    result = {
-        "xyz": samples.xyz[0].tolist(),
-        "rotation": samples.rotation[0].tolist(),
-        "actions": samples.actions[0].tolist(),
-        "generated_token_ids": samples.generated_token_ids[0],
-        "cot": samples.cot[0],
-        "timings": samples.timings,
-    }
+    result = result_record(samples, 0)
     if args.plot:
         from alpamayo_jax.plot import plot_trajectories
 
@@ -51,23 +45,58 @@ def _summary(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _load_pipeline(args: argparse.Namespace):
+    """The pipeline of --model/--processor-dir/--dtype, on --mesh after --distributed start-up."""
+    from alpamayo_jax.inference.pipeline import Pipeline
+    from alpamayo_jax.sharding import make_mesh, start_distributed
+
+    if args.distributed:
+        start_distributed()
+    mesh = None if args.mesh is None else make_mesh(args.mesh)
+    return Pipeline.load(args.model, dtype=args.dtype, processor_dir=args.processor_dir, mesh=mesh)
+
+
 def _infer(args: argparse.Namespace) -> int:
     """Model + clip (or precomputed inputs) -> trajectories, actions, tokens and CoC text as JSON."""
-    import json
-
-    from alpamayo_jax.inference.pipeline import Pipeline
+    from alpamayo_jax.inference.batch import write_result
     from alpamayo_jax.processing.clip import load_clip, load_model_inputs
 
     if (args.clip is None) == (args.inputs is None):
         raise ValueError("pass exactly one of --clip and --inputs")
     clip = None if args.clip is None else load_clip(args.clip)
     inputs = None if args.inputs is None else load_model_inputs(args.inputs)
-    pipeline = Pipeline.load(args.model, dtype=args.dtype, processor_dir=args.processor_dir)
+    pipeline = _load_pipeline(args)
     result = _run_pipeline(pipeline, args, clip=clip, inputs=inputs)
-    args.out.write_text(json.dumps(result) + "\n")
+    write_result(args.out, result)
     print(_summary(result))
     print(f"wrote {args.out}" + (f" and {args.plot}" if args.plot else ""))
     return 0
+
+
+def _batch(args: argparse.Namespace) -> int:
+    """Model + many clips -> one result JSON per clip, batches split over the mesh's data axis."""
+    import jax
+    from tqdm import tqdm
+
+    from alpamayo_jax.inference.batch import clip_paths, run_clips
+
+    paths = clip_paths(args.clips)
+    pipeline = _load_pipeline(args)
+    with tqdm(total=len(paths), unit="clip", disable=args.quiet or jax.process_index() != 0) as bar:
+        def progress(path, status):
+            bar.update(1)
+            bar.set_postfix_str(f"{path.stem}: {status}", refresh=False)
+
+        summary = run_clips(pipeline, paths, args.out_dir, jax.random.key(args.seed), batch_size=args.batch_size,
+                            overwrite=args.overwrite, plots=args.plots, on_clip=progress,
+                            num_samples=args.num_samples, temperature=args.temperature, top_p=args.top_p,
+                            greedy=args.greedy, max_new_tokens=args.max_new_tokens,
+                            num_flow_steps=args.num_flow_steps)
+    print(f"{len(summary.written)} clips written, {len(summary.skipped)} skipped (results exist), "
+          f"{len(summary.failed)} failed -> {args.out_dir}")
+    for path, why in summary.failed.items():
+        print(f"  failed {path}: {why}", file=sys.stderr)
+    return 1 if summary.failed else 0
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -152,8 +181,9 @@ def _existing_dir(value: str) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="alpamayo-jax", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    def sampling_options(command, *, max_new_tokens: int):
-        command.add_argument("--noise", type=Path, help="initial flow noise .npy (num_samples, 64, 2) float32")
+    def sampling_options(command, *, max_new_tokens: int, noise: bool = True):
+        if noise:
+            command.add_argument("--noise", type=Path, help="initial flow noise .npy (num_samples, 64, 2) float32")
         command.add_argument("--greedy", action="store_true", help="argmax decoding instead of sampling")
         command.add_argument("--num-samples", type=int, default=1)
         command.add_argument("--seed", type=int, default=0)
@@ -167,16 +197,36 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--plot", type=Path, default=Path("alpamayo_demo.png"), help="bird's-eye-view PNG")
     demo.set_defaults(run=_demo)
 
+    def model_options(command):
+        command.add_argument("--model", type=_existing_dir, required=True, help="bundle or Hugging Face directory")
+        command.add_argument("--processor-dir", type=_existing_dir,
+                             help="tokenizer/template for a Hugging Face --model")
+        command.add_argument("--dtype", choices=["float32", "bfloat16"], help="parameter dtype (default: as stored)")
+        command.add_argument("--mesh", help="device mesh: a preset (single, model2, data8, data2_model4, ...) or "
+                                            "DATAxMODEL; default: no mesh (one device)")
+        command.add_argument("--distributed", action="store_true",
+                             help="join a multi-host run first (jax.distributed, configured by the environment)")
+
     infer = commands.add_parser("infer", help="trajectories and Chain-of-Causation text for a clip")
-    infer.add_argument("--model", type=_existing_dir, required=True, help="bundle or Hugging Face directory")
-    infer.add_argument("--processor-dir", type=_existing_dir, help="tokenizer/template for a Hugging Face --model")
+    model_options(infer)
     infer.add_argument("--clip", type=Path, help="clip .npz (see alpamayo_jax.processing.clip)")
     infer.add_argument("--inputs", type=Path, help="precomputed model inputs .safetensors (instead of --clip)")
-    infer.add_argument("--dtype", choices=["float32", "bfloat16"], help="parameter dtype (default: as stored)")
     infer.add_argument("--out", type=Path, required=True, help="result JSON")
     infer.add_argument("--plot", type=Path, help="bird's-eye-view PNG")
     sampling_options(infer, max_new_tokens=256)
     infer.set_defaults(run=_infer)
+
+    batch = commands.add_parser("batch", help="run many clips, one result JSON per clip")
+    model_options(batch)
+    batch.add_argument("--clips", type=Path, required=True,
+                       help="directory of clip .npz files, or a text file listing them one per line")
+    batch.add_argument("--out-dir", type=Path, required=True, help="directory for <clip name>.json results")
+    batch.add_argument("--batch-size", type=int, help="clips per batch (default: the mesh's data axis size)")
+    batch.add_argument("--overwrite", action="store_true", help="recompute clips whose result file exists")
+    batch.add_argument("--plots", action="store_true", help="also write <clip name>.png")
+    batch.add_argument("--quiet", action="store_true", help="no progress bar")
+    sampling_options(batch, max_new_tokens=256, noise=False)
+    batch.set_defaults(run=_batch)
 
     dtypes = ["bfloat16", "float32"]
     convert = commands.add_parser("convert", help="convert a Hugging Face checkpoint into a bundle")

@@ -5,6 +5,7 @@ precomputed-inputs path; sampling determinism; the `infer` and `demo` commands."
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -82,9 +83,10 @@ def test_bad_noise_is_rejected(pipeline, inputs, history):
                            *history, jax.random.key(0), greedy=True, max_new_tokens=2, noise=np.zeros((2, 64, 2)))
 
 
-def _cli(*args, cwd=None):
+def _cli(*args, cwd=None, devices=1):
+    env = {**os.environ, "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={devices}"}
     return subprocess.run([sys.executable, "-m", "alpamayo_jax.cli", *args], capture_output=True, text=True,
-                          timeout=600, cwd=cwd)
+                          timeout=600, cwd=cwd, env=env)
 
 
 def _check_result(path, num_samples):
@@ -129,6 +131,16 @@ def test_infer_command(fixture_dir, golden, history, tmp_path):
     assert run.returncode == 0, run.stderr
     assert_close(np.asarray(_check_result(tmp_path / "out2.json", 1)["xyz"]), golden["rollout.pred_xyz"][0, 0],
                  1e-4, "infer --inputs pred_xyz")
+    # Tensor parallel over two CPU devices: the same result.
+    run = _cli("infer", "--model", str(fixture_dir / "hf"), "--processor-dir", str(fixture_dir / "vlm"),
+               "--clip", str(clip_path), "--noise", str(tmp_path / "noise.npy"), "--greedy",
+               "--max-new-tokens", "24", "--out", str(tmp_path / "out3.json"), "--mesh", "model2", devices=2)
+    assert run.returncode == 0, run.stderr
+    assert_close(np.asarray(_check_result(tmp_path / "out3.json", 1)["xyz"]), golden["rollout.pred_xyz"][0, 0],
+                 1e-4, "infer --mesh model2 pred_xyz")
+    too_big = _cli("infer", "--model", str(fixture_dir / "hf"), "--processor-dir", str(fixture_dir / "vlm"),
+                   "--clip", str(clip_path), "--out", str(tmp_path / "x.json"), "--mesh", "model2")
+    assert too_big.returncode == 1 and "mesh 1x2 needs 2 devices, 1 available" in too_big.stderr
     both = _cli("infer", "--model", str(fixture_dir / "hf"), "--processor-dir", str(fixture_dir / "vlm"),
                 "--out", str(tmp_path / "x.json"))
     assert both.returncode == 1 and "exactly one of --clip and --inputs" in both.stderr

@@ -325,7 +325,7 @@ def _check_timestamps(timestamps: np.ndarray, num_frames: int) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def _write_atomically(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:
+def write_atomically(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:
     """Writes `path` through a temporary file in the same directory, renamed over `path` once
     complete, so that readers never see a partial file and a failed write leaves `path` as it was."""
     path = Path(path)
@@ -358,7 +358,7 @@ def save_clip(path: str | os.PathLike, clip: Clip) -> None:
         arrays["timestamps"] = clip.timestamps
     if clip.camera_names is not None:
         arrays["camera_names"] = np.asarray(clip.camera_names, dtype=str)
-    _write_atomically(path, lambda file: np.savez(file, **arrays))
+    write_atomically(path, lambda file: np.savez(file, **arrays))
 
 
 def load_clip(
@@ -572,4 +572,4 @@ def save_model_inputs(path: str | os.PathLike, inputs: ModelInputs) -> None:
     }
     _model_inputs(tensors, num_history=None)
     data = save({k: np.ascontiguousarray(v) for k, v in tensors.items()})
-    _write_atomically(path, lambda file: file.write(data))
+    write_atomically(path, lambda file: file.write(data))

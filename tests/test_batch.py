@@ -1,0 +1,110 @@
+"""Many clips to one result file each (`alpamayo_jax.inference.batch`, `alpamayo-jax batch`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from alpamayo_jax.inference.batch import clip_paths, result_record, run_clips
+from alpamayo_jax.inference.pipeline import Pipeline, sample_trajectories
+from alpamayo_jax.processing.clip import Clip, save_clip
+
+OPTIONS = dict(num_samples=2, temperature=1.0, max_new_tokens=6)
+
+
+@pytest.fixture(scope="module")
+def pipeline(fixture_dir):
+    return Pipeline.load(fixture_dir / "hf", processor_dir=fixture_dir / "vlm")
+
+
+@pytest.fixture(scope="module")
+def clips(golden):
+    frames, xyz, rot = golden["input.image_frames"], golden["input.ego_history_xyz"][0, 0], golden["input.ego_history_rot"][0, 0]
+    return {"a": Clip.create(frames, xyz, rot), "b": Clip.create(frames[::-1], xyz, rot),
+            "c": Clip.create(frames[:, ::-1], xyz, rot)}
+
+
+@pytest.fixture
+def clip_dir(tmp_path, clips):
+    directory = tmp_path / "clips"
+    directory.mkdir()
+    for name, clip in clips.items():
+        save_clip(directory / f"{name}.npz", clip)
+    return directory
+
+
+def test_results_are_the_batched_runs(pipeline, clips, clip_dir, tmp_path):
+    key = jax.random.key(5)
+    seen = []
+    summary = run_clips(pipeline, clip_paths(clip_dir), tmp_path / "out", key, batch_size=2,
+                        on_clip=lambda path, status: seen.append((path.stem, status)), **OPTIONS)
+    assert [p.name for p in summary.written] == ["a.json", "b.json", "c.json"] and not summary.failed
+    assert seen == [("a", "written"), ("b", "written"), ("c", "written")]
+    # Batch 0 = (a, b); batch 1 = (c, c): the short batch is filled with a copy, whose result is dropped.
+    first = sample_trajectories(pipeline, [clips["a"], clips["b"]], jax.random.fold_in(key, 0), **OPTIONS)
+    second = sample_trajectories(pipeline, [clips["c"], clips["c"]], jax.random.fold_in(key, 1), **OPTIONS)
+    for name, samples, index in [("a", first, 0), ("b", first, 1), ("c", second, 0)]:
+        written = json.loads((tmp_path / "out" / f"{name}.json").read_text())
+        expected = result_record(samples, index)
+        assert written["generated_token_ids"] == expected["generated_token_ids"]
+        np.testing.assert_array_equal(np.asarray(written["xyz"], np.float32), samples.xyz[index])
+        assert np.asarray(written["rotation"]).shape == (2, 64, 3, 3)
+
+    # A rerun keeps what exists; overwrite recomputes.
+    again = run_clips(pipeline, clip_paths(clip_dir), tmp_path / "out", key, batch_size=2, **OPTIONS)
+    assert len(again.skipped) == 3 and not again.written
+    forced = run_clips(pipeline, clip_paths(clip_dir)[:1], tmp_path / "out", key, overwrite=True, **OPTIONS)
+    assert [p.name for p in forced.written] == ["a.json"]
+
+
+def test_unreadable_clips_are_reported_and_the_rest_run(pipeline, clip_dir, tmp_path):
+    (clip_dir / "broken.npz").write_bytes(b"not a zip")
+    listing = tmp_path / "clips.txt"
+    listing.write_text("# two clips\nclips/broken.npz\n\nclips/a.npz\n")
+    summary = run_clips(pipeline, clip_paths(listing), tmp_path / "out", jax.random.key(0), greedy=True,
+                        max_new_tokens=2)
+    assert [p.name for p in summary.written] == ["a.json"]
+    assert list(summary.failed) == [clip_dir / "broken.npz"]
+    assert "not an .npz archive" in summary.failed[clip_dir / "broken.npz"]
+    assert not (tmp_path / "out" / "broken.json").exists()
+
+
+def test_clip_sources_are_checked(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no clip directory or clip list"):
+        clip_paths(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="holds no clips"):
+        clip_paths(tmp_path)
+    listing = tmp_path / "list.txt"
+    listing.write_text("missing.npz\n")
+    with pytest.raises(FileNotFoundError, match="lists clips that do not exist"):
+        clip_paths(listing)
+    (tmp_path / "x").mkdir()
+    (tmp_path / "y").mkdir()
+    for folder in "xy":
+        (tmp_path / folder / "same.npz").write_bytes(b"")
+    listing.write_text("x/same.npz\ny/same.npz\n")
+    with pytest.raises(ValueError, match=r"several clips named \['same'\]"):
+        clip_paths(listing)
+
+
+def test_batch_command(fixture_dir, clip_dir, tmp_path):
+    (clip_dir / "broken.npz").write_bytes(b"not a zip")
+    out = tmp_path / "results"
+    command = [sys.executable, "-m", "alpamayo_jax.cli", "batch", "--model", str(fixture_dir / "hf"),
+               "--processor-dir", str(fixture_dir / "vlm"), "--clips", str(clip_dir), "--out-dir", str(out),
+               "--greedy", "--max-new-tokens", "4", "--mesh", "data2", "--plots"]
+    # Two CPU devices: batches of two clips (the data axis) split over them.
+    env = {**os.environ, "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"}
+    run = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert run.returncode == 1  # one clip failed
+    assert "3 clips written, 0 skipped (results exist), 1 failed" in run.stdout
+    assert "failed " + str(clip_dir / "broken.npz") in run.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["a.json", "a.png", "b.json", "b.png", "c.json", "c.png"]
+    result = json.loads((out / "a.json").read_text())
+    assert np.asarray(result["xyz"]).shape == (1, 64, 3) and len(result["generated_token_ids"][0]) <= 4
