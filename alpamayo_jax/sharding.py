@@ -62,6 +62,12 @@ LOGICAL_RULES: dict[str, str | None] = {
     "cache_length": None,
 }
 
+# The one fallback: when the vocabulary does not divide over the model axis (the 10B model's
+# 155,697 entries divide by no even number), the embedding table and lm_head are split along
+# their width instead. Same memory per device; the logits then need an all-reduce and the looked-up
+# embeddings an all-gather. Any other indivisible dimension is an error.
+VOCAB_WIDTH_FALLBACK: dict[str, str | None] = {"vocab": None, "embed": "model"}
+
 # Logical axes of the key/value cache (L, B, S, K, H).
 KV_CACHE_AXES = ("layers", "batch", "cache_length", "kv_heads", "head_dim")
 
@@ -71,6 +77,7 @@ MESH_PRESETS: dict[str, tuple[int, int]] = {  # name -> (data, model)
     "model4": (1, 4),
     "model8": (1, 8),
     "data2": (2, 1),
+    "data4": (4, 1),
     "data8": (8, 1),
     "data2_model2": (2, 2),
     "data2_model4": (2, 4),
@@ -186,10 +193,24 @@ def to_host(x: jax.Array) -> np.ndarray:
     return np.asarray(x)
 
 
+def _param_sharding(mesh: Mesh, shape: tuple[int, ...], names: tuple[str | None, ...], path: str,
+                    rules: Mapping[str, str | None]) -> NamedSharding:
+    try:
+        return sharding_for(mesh, shape, names, name=path, rules=rules)
+    except ShardingError:
+        if "vocab" not in names:
+            raise
+        fallback = {**rules, **VOCAB_WIDTH_FALLBACK}
+        if _indivisible(shape, partition_spec(names, fallback), mesh.shape):
+            raise
+        return sharding_for(mesh, shape, names, name=path, rules=fallback)
+
+
 def param_shardings(model: nnx.Module, mesh: Mesh, rules: Mapping[str, str | None] = LOGICAL_RULES
                     ) -> dict[str, NamedSharding]:
     """parameter path -> sharding, for a concrete or abstract (`nnx.eval_shape`) model. Every
-    problem (missing metadata, indivisible dimension) is reported at once."""
+    problem (missing metadata, indivisible dimension) is reported at once. A vocabulary that does
+    not divide over the model axis takes `VOCAB_WIDTH_FALLBACK`."""
     result, problems = {}, []
     for path, variable in module_variables(model).items():
         names = variable.get_metadata().get("logical_axes")
@@ -197,7 +218,7 @@ def param_shardings(model: nnx.Module, mesh: Mesh, rules: Mapping[str, str | Non
             problems.append(f"{path}: logical_axes {names} do not describe shape {tuple(variable.shape)}")
             continue
         try:
-            result[path] = sharding_for(mesh, tuple(variable.shape), names, name=path, rules=rules)
+            result[path] = _param_sharding(mesh, tuple(variable.shape), names, path, rules)
         except ShardingError as error:
             problems.append(str(error))
     if problems:

@@ -69,7 +69,7 @@ def multidevice(fixture_dir):
     return json.loads(line[len("RESULT "):])
 
 
-@pytest.mark.parametrize("preset", ["model2", "data2", "data8", "data2_model2", "data4_model2"])
+@pytest.mark.parametrize("preset", ["model2", "data2", "data8", "data2_model2", "data4_model2", "model2_vocab_width"])
 def test_parallel_pipeline_matches_single_device(multidevice, preset):
     result = multidevice[preset]
     print(f"{preset}: xyz relative error {result['xyz_relative_error']:.2e}, actions "
@@ -80,7 +80,9 @@ def test_parallel_pipeline_matches_single_device(multidevice, preset):
     assert result["xyz_relative_error"] <= 1e-5 and result["actions_relative_error"] <= 1e-5
     assert result["placed_as_table"]
     assert result["kv_proj_spec"] == str(PartitionSpec(None, "model", None))
-    data, model = mesh_shape(preset)
+    data, model = mesh_shape(preset.removesuffix("_vocab_width"))
+    vocab_width = preset.endswith("_vocab_width")
+    assert result["lm_head_spec"] == str(PartitionSpec("model", None) if vocab_width else PartitionSpec(None, "model"))
     if model > 1:  # sharded heads, feed-forward widths and vocabulary: well under the total each
         assert max(result["bytes_per_device"]) < 0.6 * multidevice["single_device_bytes"]
     else:  # data parallel: a full replica on every device
@@ -90,6 +92,16 @@ def test_parallel_pipeline_matches_single_device(multidevice, preset):
     print(f"{preset}: KV cache {cache['shape']} as {cache['spec']}, {cache['block']} per device")
     assert cache["spec"] == [None, "data" if data > 1 else None, None, "model" if model > 1 else None, None]
     assert cache["block"] == [cache["shape"][0], 8 // data, cache["shape"][2], 2 // model, cache["shape"][4]]
+
+
+def test_10b_vocabulary_is_split_along_its_width(multidevice):
+    # 155,697 entries divide over no model axis; every other dimension follows the table.
+    assert multidevice["10b_model8"] == {
+        "vlm.lm_head.kernel": str(PartitionSpec("model", None)),
+        "vlm.language_model.embed_tokens.embedding": str(PartitionSpec(None, "model")),
+        "vlm.language_model.layers.0.self_attn.k_proj.kernel": str(PartitionSpec(None, "model", None)),
+        "expert.layers.0.mlp.up_proj.kernel": str(PartitionSpec(None, "model")),
+    }
 
 
 def test_rows_that_do_not_divide_over_data_are_a_clear_error(multidevice):

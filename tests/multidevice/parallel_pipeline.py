@@ -12,16 +12,23 @@ from pathlib import Path
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
 from safetensors.numpy import load_file  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
+from alpamayo_jax.config import alpamayo_r1_10b  # noqa: E402
 from alpamayo_jax.inference.generation import GenerationConfig, generate  # noqa: E402
 from alpamayo_jax.inference.pipeline import Pipeline, prepare_clips, sample_from_inputs  # noqa: E402
 from alpamayo_jax.io.assign import module_variables  # noqa: E402
 from alpamayo_jax.io.convert import convert_checkpoint  # noqa: E402
+from alpamayo_jax.models.alpamayo import AlpamayoR1  # noqa: E402
 from alpamayo_jax.sharding import (  # noqa: E402
+    LOGICAL_RULES,
+    VOCAB_WIDTH_FALLBACK,
     ShardingError,
     bytes_per_device,
     make_mesh,
@@ -69,16 +76,31 @@ report["single_device_bytes"] = sum(bytes_per_device(single.model).values())
 reference = run(single)
 report["reference_tokens"] = reference.generated_token_ids
 report["reference_xyz"] = reference.xyz.tolist()
-for preset in ["model2", "data2", "data8", "data2_model2", "data4_model2"]:
-    mesh = make_mesh(preset)
+def expected_spec(names, vocab_width):
+    """The table's placement; with `vocab_width`, the fallback for the vocabulary tables."""
+    return partition_spec(names, {**LOGICAL_RULES, **VOCAB_WIDTH_FALLBACK} if vocab_width and "vocab" in names
+                          else LOGICAL_RULES)
+
+
+for preset in ["model2", "data2", "data8", "data2_model2", "data4_model2", "model2_vocab_width"]:
+    mesh = make_mesh(preset.removesuffix("_vocab_width"))
+    # The vocabulary-width fallback (which the 10B model takes), forced on the tiny model.
+    vocab_width = preset.endswith("_vocab_width")
     if preset == "model2":  # each tensor streamed straight into its sharding
         pipeline = load(mesh)
         shardings = param_shardings(pipeline.model, mesh)
+    elif vocab_width:
+        pipeline = dataclasses.replace(load(), mesh=mesh)
+        shardings = {}
+        for path, variable in module_variables(pipeline.model).items():
+            names = variable.get_metadata()["logical_axes"]
+            shardings[path] = NamedSharding(mesh, expected_spec(names, vocab_width=True))
+            variable.set_value(jax.device_put(variable.get_value(), shardings[path]))
     else:  # or a loaded model moved afterwards
         pipeline = dataclasses.replace(load(), mesh=mesh)
         shardings = shard_model(pipeline.model, mesh)
     placed_as_table = all(
-        variable.get_value().sharding.spec == partition_spec(variable.get_metadata()["logical_axes"])
+        variable.get_value().sharding.spec == expected_spec(variable.get_metadata()["logical_axes"], vocab_width)
         for path, variable in module_variables(pipeline.model).items())
     samples = run(pipeline)
     scale = float(np.abs(reference.xyz).max())
@@ -90,6 +112,7 @@ for preset in ["model2", "data2", "data8", "data2_model2", "data4_model2"]:
         / float(np.abs(reference.actions).max()),
         "placed_as_table": placed_as_table,
         "kv_proj_spec": str(shardings["vlm.language_model.layers.0.self_attn.k_proj.kernel"].spec),
+        "lm_head_spec": str(shardings["vlm.lm_head.kernel"].spec),
         "bytes_per_device": sorted(set(per_device.values())),
         "kv_cache": kv_cache_placement(pipeline),
     }
@@ -101,6 +124,13 @@ from_bundle = Pipeline.load(bundle, mesh=make_mesh("model2"))
 kernel = from_bundle.model.vlm.lm_head.kernel.get_value()
 report["bundle"] = {"tokens": run(from_bundle).generated_token_ids, "lm_head_spec": str(kernel.sharding.spec),
                     "lm_head_shard_shape": list(kernel.addressable_shards[0].data.shape)}
+
+# The 10B vocabulary (155,697) divides over no model axis: its tables are split along their width.
+model_10b = nnx.eval_shape(lambda: AlpamayoR1(alpamayo_r1_10b(), param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
+shardings_10b = param_shardings(model_10b, make_mesh("model8"))
+report["10b_model8"] = {path: str(shardings_10b[path].spec) for path in [
+    "vlm.lm_head.kernel", "vlm.language_model.embed_tokens.embedding",
+    "vlm.language_model.layers.0.self_attn.k_proj.kernel", "expert.layers.0.mlp.up_proj.kernel"]}
 
 # Rows that do not divide over the data axis (1 clip x 3 samples over 2) are an error.
 try:

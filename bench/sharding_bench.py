@@ -1,0 +1,115 @@
+"""Multi-device benchmark: time per clip, data parallel and tensor parallel against one device.
+
+Runs on 8 fake CPU devices (`--xla_force_host_platform_device_count=8`), so it measures the
+overhead and scaling of the placement, not GPU speed: the fake devices share this machine's cores.
+Two configs: the fixture's tiny checkpoint and a medium random-weight config (8 x 512-wide layers).
+Also prints the 10B model's parameter bytes per device under each preset, computed from the
+shardings of `jax.eval_shape` (no allocation; on a GPU, measure with `--measure-10b`).
+
+    python bench/sharding_bench.py [--clips 8] [--repeats 3] [--max-new-tokens 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from alpamayo_jax.config import AlpamayoConfig, alpamayo_r1_10b  # noqa: E402
+from alpamayo_jax.inference.pipeline import Pipeline, sample_trajectories  # noqa: E402
+from alpamayo_jax.models.alpamayo import AlpamayoR1  # noqa: E402
+from alpamayo_jax.processing.clip import synthetic_clip  # noqa: E402
+from alpamayo_jax.sharding import make_mesh, param_shardings, shard_model  # noqa: E402
+
+FIXTURE = Path(__file__).parents[1] / "tests/fixtures/tiny_ar1_dev"
+PRESETS = ["single", "data2", "data4", "data8", "model2", "data4_model2"]
+
+
+def medium_pipeline(tiny: Pipeline) -> Pipeline:
+    """Random weights, the tiny vocabulary and tokenizer, wider and deeper decoders and vision."""
+    config = json.loads((FIXTURE / "hf/config.json").read_text())
+    backbone = copy.deepcopy(json.loads((FIXTURE / "vlm/config.json").read_text()))
+    backbone["text_config"].update(hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
+                                   num_attention_heads=8, num_key_value_heads=4, head_dim=64,
+                                   rope_scaling={"mrope_interleaved": True, "mrope_section": [16, 8, 8],
+                                                 "rope_type": "default"})
+    backbone["vision_config"].update(hidden_size=128, intermediate_size=512, depth=4, num_heads=4,
+                                     out_hidden_size=512, deepstack_visual_indexes=[1, 2])
+    config["expert_cfg"].update(hidden_size=256, intermediate_size=768, num_attention_heads=8)
+    parsed = AlpamayoConfig.from_hf_config(config, backbone)
+    return dataclasses.replace(tiny, model=AlpamayoR1(parsed, rngs=nnx.Rngs(0)), config=parsed)
+
+
+def seconds_per_clip(pipeline: Pipeline, preset: str, clips, repeats: int, max_new_tokens: int) -> dict:
+    mesh = make_mesh(preset)
+    shard_model(pipeline.model, mesh)
+    placed = dataclasses.replace(pipeline, mesh=None if preset == "single" else mesh)
+
+    def run():
+        start = time.perf_counter()
+        samples = sample_trajectories(placed, clips, jax.random.key(0), greedy=True, max_new_tokens=max_new_tokens)
+        return time.perf_counter() - start, samples
+
+    run()  # compile
+    runs = [run() for _ in range(repeats)]
+    total = statistics.median(seconds for seconds, _ in runs)
+    timings = runs[-1][1].timings
+    return {"per_clip": total / len(clips), "generate_per_clip": timings["generate"] / len(clips),
+            "flow_per_clip": timings["flow_matching"] / len(clips), "tokens": runs[-1][1].generated_token_ids}
+
+
+def parameter_bytes_10b() -> dict[str, int]:
+    """Largest per-device parameter bytes of the bf16 10B model under each preset (from shardings)."""
+    model = nnx.eval_shape(lambda: AlpamayoR1(alpamayo_r1_10b(), param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
+    from alpamayo_jax.io.assign import module_variables
+
+    variables = module_variables(model)
+    result = {}
+    for preset in ["single", "model2", "model4", "model8", "data2_model4"]:
+        shardings = param_shardings(model, make_mesh(preset))
+        result[preset] = sum(
+            jnp.dtype(v.dtype).itemsize * int(jnp.prod(jnp.asarray(shardings[p].shard_shape(tuple(v.shape)))))
+            for p, v in variables.items())
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clips", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    args = parser.parse_args()
+    jax.config.update("jax_default_matmul_precision", "highest")
+    print(f"{len(jax.devices())} {jax.devices()[0].platform} devices, {os.cpu_count()} cores; "
+          f"{args.clips} clips x 1 sample, greedy, {args.max_new_tokens} new tokens, median of {args.repeats}")
+    tiny = Pipeline.load(FIXTURE / "hf", processor_dir=FIXTURE / "vlm")
+    clips = [synthetic_clip(seed, image_size=(32, 48)) for seed in range(args.clips)]
+    for name, pipeline in [("tiny", tiny), ("medium", medium_pipeline(tiny))]:
+        parameters = sum(v.size for v in jax.tree.leaves(nnx.state(pipeline.model, nnx.Param)))
+        print(f"\n{name} ({parameters / 1e6:.1f} M parameters): seconds per clip")
+        baseline = None
+        for preset in PRESETS:
+            result = seconds_per_clip(pipeline, preset, clips, args.repeats, args.max_new_tokens)
+            baseline = baseline or result
+            same = "same tokens" if result["tokens"] == baseline["tokens"] else "TOKENS DIFFER"
+            print(f"  {preset:13s} {result['per_clip']:.4f} total ({baseline['per_clip'] / result['per_clip']:.2f}x "
+                  f"vs single), generate {result['generate_per_clip']:.4f}, flow matching "
+                  f"{result['flow_per_clip']:.4f}; {same}")
+    print("\n10B bf16 parameters per device (computed from the shardings):")
+    for preset, nbytes in parameter_bytes_10b().items():
+        print(f"  {preset:13s} {nbytes / 2**30:6.2f} GiB")
+
+
+if __name__ == "__main__":
+    main()
