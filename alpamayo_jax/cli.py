@@ -50,8 +50,11 @@ def _load_pipeline(args: argparse.Namespace):
     from alpamayo_jax.inference.pipeline import Pipeline
     from alpamayo_jax.sharding import make_mesh, start_distributed
 
-    if args.distributed:
-        start_distributed()
+    manual = (args.coordinator, args.num_processes, args.process_id)
+    if any(v is not None for v in manual) and any(v is None for v in manual):
+        raise ValueError("--coordinator, --num-processes and --process-id go together")
+    if args.distributed or args.coordinator is not None:
+        start_distributed(*manual)
     mesh = None if args.mesh is None else make_mesh(args.mesh)
     return Pipeline.load(args.model, dtype=args.dtype, processor_dir=args.processor_dir, mesh=mesh)
 
@@ -205,7 +208,10 @@ def main(argv: list[str] | None = None) -> int:
         command.add_argument("--mesh", help="device mesh: a preset (single, model2, data8, data2_model4, ...) or "
                                             "DATAxMODEL; default: no mesh (one device)")
         command.add_argument("--distributed", action="store_true",
-                             help="join a multi-host run first (jax.distributed, configured by the environment)")
+                             help="join a multi-host run first (jax.distributed; SLURM, Open MPI, ... detected)")
+        command.add_argument("--coordinator", help="multi-host run without a detected cluster: HOST:PORT of process 0")
+        command.add_argument("--num-processes", type=int, help="with --coordinator: number of processes")
+        command.add_argument("--process-id", type=int, help="with --coordinator: this process's index")
 
     infer = commands.add_parser("infer", help="trajectories and Chain-of-Causation text for a clip")
     model_options(infer)

@@ -108,3 +108,11 @@ def test_batch_command(fixture_dir, clip_dir, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["a.json", "a.png", "b.json", "b.png", "c.json", "c.png"]
     result = json.loads((out / "a.json").read_text())
     assert np.asarray(result["xyz"]).shape == (1, 64, 3) and len(result["generated_token_ids"][0]) <= 4
+
+
+def test_multi_host_options_go_together(fixture_dir, clip_dir, tmp_path):
+    run = subprocess.run([sys.executable, "-m", "alpamayo_jax.cli", "batch", "--model", str(fixture_dir / "hf"),
+                          "--clips", str(clip_dir), "--out-dir", str(tmp_path / "out"), "--coordinator",
+                          "localhost:1234"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1
+    assert "--coordinator, --num-processes and --process-id go together" in run.stderr
