@@ -127,10 +127,10 @@ def _convert(args: argparse.Namespace) -> int:
     from alpamayo_jax.io.convert import convert_checkpoint
     from alpamayo_jax.io.safetensors import CheckpointReader
 
-    total_bytes = CheckpointReader(args.hf_dir).total_bytes
-    with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tensors", disable=args.quiet) as bar:
+    stored = CheckpointReader(args.hf_dir)
+    with tqdm(total=stored.total_bytes, unit="B", unit_scale=True, desc="tensors", disable=args.quiet) as bar:
         def progress(item, source):
-            bar.update(source.nbytes)
+            bar.update(stored.tensors[item.key].nbytes)  # stored bytes (`source` may be cast)
             bar.set_postfix_str(item.key[-48:], refresh=False)
 
         report = convert_checkpoint(args.hf_dir, args.processor_dir, args.out, dtype=args.dtype,

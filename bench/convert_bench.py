@@ -5,6 +5,8 @@ narrower and shallower decoders so that it fits this machine), converts it in a 
 reports the child's peak resident memory against the largest tensor, and the throughput.
 
     python bench/convert_bench.py [--workdir DIR] [--layers 8] [--shard-gb 1.0]
+
+With --workdir, the checkpoint is kept there and reused by later runs with the same settings.
 """
 
 from __future__ import annotations
@@ -142,9 +144,19 @@ def main() -> None:
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="alpamayo-convert-bench-"))
     try:
         started = time.perf_counter()
-        total, largest = write_checkpoint(workdir / "src", args.layers, args.shard_gb * 2**30)
-        print(f"synthetic checkpoint: {total / 2**30:.2f} GiB bf16, largest tensor {largest / 2**20:.0f} MiB, "
-              f"written in {time.perf_counter() - started:.1f} s")
+        source, marker = workdir / "src", workdir / "src/bench.json"
+        settings = {"layers": args.layers, "shard_gb": args.shard_gb}
+        stored = json.loads(marker.read_text()) if marker.is_file() else {}
+        if {k: stored.get(k) for k in settings} == settings:
+            total, largest = stored["total"], stored["largest"]
+            how = "reused from an earlier run"
+        else:
+            shutil.rmtree(source, ignore_errors=True)
+            total, largest = write_checkpoint(source, args.layers, args.shard_gb * 2**30)
+            marker.write_text(json.dumps({**settings, "total": total, "largest": largest}))  # last: complete
+            how = f"written in {time.perf_counter() - started:.1f} s"
+        print(f"synthetic checkpoint: {total / 2**30:.2f} GiB bf16, largest tensor {largest / 2**20:.0f} MiB, {how}")
+        shutil.rmtree(workdir / "bundle", ignore_errors=True)
         baseline = subprocess.run([sys.executable, "-c", f"import alpamayo_jax.io.convert; print({PEAK_RSS})"],
                                   capture_output=True, text=True, check=True)
         imports_rss = int(baseline.stdout.split()[-1])
@@ -158,6 +170,8 @@ def main() -> None:
         print(f"peak RSS {peak / 2**30:.2f} GiB; after imports alone {imports_rss / 2**30:.2f} GiB; "
               f"conversion adds {(peak - imports_rss) / 2**20:.0f} MiB = "
               f"{(peak - imports_rss) / largest:.2f} x the largest tensor")
+        written = sum(f.stat().st_size for f in (workdir / "bundle").rglob("*") if f.is_file())
+        print(f"bundle {written / 2**30:.2f} GiB on disk")
     finally:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)

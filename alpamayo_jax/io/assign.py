@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from alpamayo_jax.io.safetensors import CheckpointReader
 from alpamayo_jax.io.weight_map import (
     Rule,
     checkpoint_shape,
@@ -135,15 +136,30 @@ def load_tensors_into(
 
 
 def read_assignment(item: Assignment, tensors: Mapping[str, np.ndarray], target: nnx.Variable,
-                    on_tensor: Callable[[Assignment, np.ndarray], None] | None = None) -> np.ndarray:
-    """Reads one planned tensor and returns it in the parameter's layout and dtype."""
-    source = np.asarray(tensors[item.key])
+                    on_tensor: Callable[[Assignment, np.ndarray], None] | None = None, *,
+                    on_bytes: Callable[[memoryview], None] | None = None) -> np.ndarray:
+    """Reads one planned tensor and returns it in the parameter's layout and dtype.
+
+    `on_tensor` gets the tensor's values in checkpoint layout (from a `CheckpointReader`: cast to
+    the parameter's dtype), `on_bytes` its stored bytes, possibly in several pieces (checksums)."""
+    if isinstance(tensors, CheckpointReader):
+        # Read straight into the parameter's array through a view of it in checkpoint layout: the
+        # tensor is in memory once (plus one read block), not once as read and once laid out.
+        value = np.empty(target.shape, target.dtype)
+        source = to_checkpoint_layout(item.rule, value, tensors.tensors[item.key].shape)
+        if not np.may_share_memory(source, value):
+            raise AssertionError(f"{item.rule.layout} layout of {item.path!r} is not a view of the parameter")
+        tensors.read_into(item.key, source, on_bytes=on_bytes)
+    else:
+        source = np.asarray(tensors[item.key])
+        if on_bytes is not None:
+            on_bytes(memoryview(np.ascontiguousarray(source).reshape(-1).view(np.uint8)))
+        # A contiguous result no longer refers to the source, which the caller may then free.
+        value = to_param_layout(item.rule, source, tuple(target.shape)).astype(target.dtype, copy=False)
+        value = np.asarray(value, order="C")  # (np.ascontiguousarray would turn 0-d buffers into 1-d)
     if on_tensor is not None:
         on_tensor(item, source)
-    # A contiguous result no longer refers to the read buffer, which is freed on return: at most
-    # two copies of the tensor (read, laid out) exist at once.
-    value = to_param_layout(item.rule, source, tuple(target.shape)).astype(target.dtype, copy=False)
-    return np.asarray(value, order="C")  # (np.ascontiguousarray would turn 0-d buffers into 1-d)
+    return value
 
 
 def export_plan(module: nnx.Module, rules: list[Rule]) -> dict[str, tuple[str, Rule, tuple[int, ...]]]:

@@ -5,6 +5,7 @@ Layout of a bundle directory:
     params/<group>/            orbax checkpoints of the parameters and buffers, one per decoder
                                layer / vision block / module ({"a.b.kernel": array}), so that
                                conversion and loading hold one group in memory at a time
+                               (stored uncompressed: see `save_param_group`)
     config.json                the Alpamayo config, as in the source checkpoint
     backbone_config.json       the Qwen3-VL backbone config
     processor/                 tokenizer, chat template and image-processor settings
@@ -18,8 +19,6 @@ when asked to (`force=True`).
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import gc
 import json
 import os
 import shutil
@@ -90,23 +89,23 @@ GROUPED_LISTS = ("layers", "blocks", "deepstack_merger_list")
 def save_param_group(params_dir: Path, group: str, values: dict[str, np.ndarray | jax.Array]) -> None:
     """Writes one group ({parameter path: array}) as its own orbax checkpoint `params_dir/group`.
 
-    Host arrays go to orbax as they are (no device copy) and the checkpointer is closed, so memory
-    is released group by group."""
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(params_dir.absolute() / group, {path: np.asarray(v) for path, v in values.items()})
-    checkpointer.wait_until_finished()
-    checkpointer.close()
-    _release_freed_memory()
+    Host arrays go to orbax as they are (no device copy), and the save adds no memory of its own:
+    it blocks until written, so orbax need not copy the arrays to guard against later changes, and
+    it stores them uncompressed, so tensorstore writes from the arrays themselves. (zstd output is
+    buffered whole until the commit, measured at 0.8-1.6x the array, for a bundle ~20% smaller on
+    random bf16 weights.)"""
+    handler = ocp.PyTreeCheckpointHandler(use_compression=False, type_handler_registry=_UNCOPIED_HOST_ARRAYS)
+    with ocp.Checkpointer(handler) as checkpointer:
+        checkpointer.save(params_dir.absolute() / group,
+                          args=ocp.args.PyTreeSave({path: np.asarray(v) for path, v in values.items()}))
 
 
-def _release_freed_memory() -> None:
-    """Returns freed heap pages to the OS. glibc keeps large freed blocks in its arenas, which
-    would make a streaming conversion's resident memory grow with every group it writes."""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to trim
-        pass
+# Orbax's handlers for `save_param_group`: numpy arrays (all it writes) without the defensive
+# copy made by default; jax.Array as usual (unused, but orbax warns on every save without it).
+_UNCOPIED_HOST_ARRAYS = ocp.type_handlers.create_type_handler_registry(
+    (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)),
+    (jax.Array, ocp.type_handlers.get_type_handler(jax.Array)),
+)
 
 
 def save_params(model: nnx.Module, params_dir: Path) -> None:

@@ -72,6 +72,9 @@ def convert_checkpoint(
     known preset, its `config.json`); the bundle gets the tokenizer extended with the trajectory and
     special tokens, checked against the config's token ids. Every problem with the config, the files or the weights is
     reported before anything is written; `out_dir` appears only when the bundle is complete.
+    `on_tensor(item, values)` is called after each tensor is read, with its values in checkpoint
+    layout and the parameter's dtype (progress reporting). Peak memory is about the largest group
+    of parameters (at least the largest tensor) plus a block of each read.
     Returns the conversion report (also written to the bundle).
     """
     hf_dir, processor_dir = Path(hf_dir), Path(processor_dir)
@@ -80,24 +83,23 @@ def convert_checkpoint(
     write_processor = _processor_writer(processor_dir, config)
     model, _, reader = abstract_model(hf_dir, backbone_dir=processor_dir, dtype=dtype)
     variables = module_variables(model)
-    plan = plan_assignment(variables, reader.describe(), alpamayo_rules())
+    layout = reader.describe()
+    plan = plan_assignment(variables, layout, alpamayo_rules())
     groups: dict[str, list[Assignment]] = {}
     for item in plan:
         groups.setdefault(param_group(item.path), []).append(item)
     checksums: dict[str, str] = {}
-    source_dtypes: set[str] = set()
-
-    def record(item: Assignment, source: np.ndarray) -> None:
-        # Hash the stored bytes in place (a copy of the largest tensor would double peak memory).
-        checksums[item.key] = hashlib.sha256(np.asarray(source, order="C").reshape(-1).view(np.uint8)).hexdigest()
-        source_dtypes.add(str(source.dtype))
-        if on_tensor is not None:
-            on_tensor(item, source)
+    source_dtypes = {str(layout[item.key][1]) for item in plan}
 
     with atomic_directory(out_dir, force=force) as staging:
         # One group (a decoder layer, a vision block, a module) in memory at a time.
         for group, items in groups.items():
-            values = {item.path: read_assignment(item, reader, variables[item.path], record) for item in items}
+            values = {}
+            for item in items:
+                digest = hashlib.sha256()  # of the stored bytes, fed block by block as they are read
+                values[item.path] = read_assignment(item, reader, variables[item.path], on_tensor,
+                                                    on_bytes=digest.update)
+                checksums[item.key] = digest.hexdigest()
             save_param_group(staging / PARAMS_DIR, group, values)
             del values
         per_module = {name: sum(int(np.prod(v.shape)) for path, v in variables.items()

@@ -4,7 +4,8 @@ A checkpoint is either one `model.safetensors` file or shards listed by
 `model.safetensors.index.json`. `CheckpointReader` parses and validates every header before any
 data is read (truncated or corrupt files, bad offsets, unknown dtypes, an index that names a
 missing shard or a key a shard lacks, keys stored twice, shards the index does not mention), and
-then reads single tensors with plain file reads, so memory holds one tensor at a time.
+then reads single tensors with plain file reads (no memory map, whose touched pages would count
+as resident memory), so memory holds one tensor at a time.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import json
 import math
 import os
 import struct
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import ml_dtypes
@@ -23,6 +24,9 @@ import numpy as np
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+# Bytes per read in `CheckpointReader.read_into`: small enough that a transposing copy of a block
+# stays in cache (measured: a 608 MiB matrix transposes 2.7x faster in 1 MiB blocks than in 8 MiB).
+READ_BLOCK_BYTES = 1 << 20
 
 DTYPES: dict[str, np.dtype] = {
     "F64": np.dtype(np.float64),
@@ -168,12 +172,41 @@ class CheckpointReader(Mapping[str, np.ndarray]):
 
     def __getitem__(self, key: str) -> np.ndarray:
         info = self.tensors[key]
-        with open(info.file, "rb") as f:
+        out = np.empty(info.shape, DTYPES[info.dtype])
+        self.read_into(key, out)
+        return out
+
+    def read_into(self, key: str, out: np.ndarray, *, on_bytes: Callable[[memoryview], None] | None = None) -> None:
+        """Reads tensor `key` into `out`: an array of its shape in any dtype (values are cast as
+        `astype` would) and any memory layout, e.g. a transposed view of a parameter.
+
+        Reads go block by block along the first axis, straight into `out` where it is contiguous
+        with the stored dtype and through one small reused buffer otherwise, so memory never holds
+        a second whole copy of the tensor. `on_bytes` gets each block's stored bytes in file order
+        (checksums)."""
+        info = self.tensors[key]
+        if out.shape != info.shape:
+            raise ValueError(f"tensor {key!r} has shape {info.shape}, not {out.shape}")
+        if info.nbytes == 0:
+            return
+        stored = DTYPES[info.dtype].newbyteorder("<")
+        rows = out[np.newaxis] if out.ndim == 0 else out  # a view with a first axis to go along
+        row_bytes = info.nbytes // len(rows)
+        block_rows = max(1, READ_BLOCK_BYTES // row_bytes)
+        direct = out.dtype == stored and out.flags.c_contiguous
+        buffer = None if direct else np.empty((min(block_rows, len(rows)), *rows.shape[1:]), stored)
+        with open(info.file, "rb", buffering=0) as f:
             f.seek(info.offset)
-            data = f.read(info.nbytes)
-        if len(data) != info.nbytes:
-            raise CheckpointFormatError([f"{info.file.name}: tensor {key!r} could not be read completely"])
-        return np.frombuffer(data, dtype=DTYPES[info.dtype].newbyteorder("<")).reshape(info.shape)
+            for start in range(0, len(rows), block_rows):
+                target = rows[start:start + block_rows]
+                block = target if direct else buffer[:len(target)]
+                data = memoryview(block.reshape(-1).view(np.uint8))
+                if f.readinto(data) != len(data):  # a regular file reads short only at its end
+                    raise CheckpointFormatError([f"{info.file.name}: tensor {key!r} could not be read completely"])
+                if on_bytes is not None:
+                    on_bytes(data)
+                if not direct:
+                    target[...] = block
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.tensors)
