@@ -63,10 +63,12 @@ def seconds_per_clip(pipeline: Pipeline, preset: str, clips, repeats: int, max_n
 
     run()  # compile
     runs = [run() for _ in range(repeats)]
-    total = statistics.median(seconds for seconds, _ in runs)
-    timings = runs[-1][1].timings
-    return {"per_clip": total / len(clips), "generate_per_clip": timings["generate"] / len(clips),
-            "flow_per_clip": timings["flow_matching"] / len(clips), "tokens": runs[-1][1].generated_token_ids}
+    def median(stage):
+        return statistics.median(samples.timings[stage] for _, samples in runs) / len(clips)
+
+    return {"per_clip": statistics.median(seconds for seconds, _ in runs) / len(clips),
+            "generate_per_clip": median("generate"), "flow_per_clip": median("flow_matching"),
+            "tokens": runs[-1][1].generated_token_ids}
 
 
 def parameter_bytes_10b() -> dict[str, int]:
