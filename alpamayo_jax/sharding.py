@@ -57,6 +57,7 @@ LOGICAL_RULES: dict[str, str | None] = {
     "action_dim": None,
     "fourier": None,
     # activations (not parameters)
+    "image_patches": "data",  # patch rows of all clips' images, clip-major
     "layers": None,
     "sequence": None,
     "cache_length": None,

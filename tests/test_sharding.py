@@ -87,6 +87,15 @@ def test_parallel_pipeline_matches_single_device(multidevice, preset):
         assert max(result["bytes_per_device"]) < 0.6 * multidevice["single_device_bytes"]
     else:  # data parallel: a full replica on every device
         assert result["bytes_per_device"] == [multidevice["single_device_bytes"]]
+    # The work splits: the 2-clip prefill (vision tower included) costs each device 1/data of it
+    # when the clips divide over data (else it is replicated), and at most 1/model plus the
+    # replicated norms and embeddings over the model axis.
+    flops = result["prefill_flops_per_device"] / multidevice["single_device_prefill_flops"]
+    print(f"{preset}: prefill flops per device {flops:.3f} of one device's")
+    if data == 2 and model == 1:  # (the 0.2% over half: the cache's initialisation and row repeat)
+        assert 0.5 <= flops <= 0.505
+    elif model == 2:
+        assert flops < 0.6
     # The cache: 8 rows over data, 2 key/value heads over model (L, B, S, K, H).
     cache = result["kv_cache"]
     print(f"{preset}: KV cache {cache['shape']} as {cache['spec']}, {cache['block']} per device")

@@ -285,6 +285,7 @@ def _prefill(graphdef, params, input_ids, pixel_values, position_ids, rope_delta
     # the rows it expands into are split: the cache's placement is strict).
     input_ids = constrain(input_ids, ("batch", "sequence"), replicate_uneven=True)
     position_ids = constrain(position_ids, (None, "batch", "sequence"), replicate_uneven=True)
+    pixel_values = constrain(pixel_values, ("image_patches", None), replicate_uneven=True)
     out = model(input_ids, pixel_values=pixel_values, image_grid_thw=image_grid_thw,
                 position_ids=position_ids, last_logits_only=True)
     k, v, logits = out.k, out.v, out.logits[:, -1].astype(jnp.float32)

@@ -21,11 +21,13 @@ from safetensors.numpy import load_file  # noqa: E402
 jax.config.update("jax_default_matmul_precision", "highest")
 
 from alpamayo_jax.config import alpamayo_r1_10b  # noqa: E402
-from alpamayo_jax.inference.generation import GenerationConfig, generate  # noqa: E402
+from alpamayo_jax.inference.generation import GenerationConfig, _prefill, generate  # noqa: E402
 from alpamayo_jax.inference.pipeline import Pipeline, prepare_clips, sample_from_inputs  # noqa: E402
 from alpamayo_jax.io.assign import module_variables  # noqa: E402
 from alpamayo_jax.io.convert import convert_checkpoint  # noqa: E402
 from alpamayo_jax.models.alpamayo import AlpamayoR1  # noqa: E402
+from alpamayo_jax.models.vision import as_image_grid  # noqa: E402
+from alpamayo_jax.processing.rope_index import get_rope_index  # noqa: E402
 from alpamayo_jax.sharding import (  # noqa: E402
     LOGICAL_RULES,
     VOCAB_WIDTH_FALLBACK,
@@ -70,12 +72,28 @@ def kv_cache_placement(pipeline):
             "block": list(cache.k.addressable_shards[0].data.shape)}
 
 
+def prefill_flops_per_device(pipeline):
+    """XLA's count of floating-point operations per device of the 2-clip multimodal prefill."""
+    inputs = prepare_clips(pipeline, frames, [history[0][0]] * 2, [history[1][0]] * 2)
+    grid = as_image_grid(inputs["image_grid_thw"])
+    positions, deltas = get_rope_index(inputs["fused_input_ids"], np.asarray(grid), spatial_merge_size=2,
+                                       image_token_id=pipeline.config.image_token_id,
+                                       vision_start_token_id=pipeline.config.vision_start_token_id)
+    graphdef, params = nnx.split(pipeline.model.vlm)
+    with pipeline.on_mesh():
+        compiled = _prefill.lower(graphdef, params, inputs["fused_input_ids"], inputs["pixel_values"], positions,
+                                  deltas.reshape(-1), image_grid_thw=grid, capacity=300, num_samples=4).compile()
+    cost = compiled.cost_analysis()
+    return float((cost[0] if isinstance(cost, list) else cost)["flops"])
+
+
 report = {"devices": len(jax.devices())}
 single = load()
 report["single_device_bytes"] = sum(bytes_per_device(single.model).values())
 reference = run(single)
 report["reference_tokens"] = reference.generated_token_ids
 report["reference_xyz"] = reference.xyz.tolist()
+report["single_device_prefill_flops"] = prefill_flops_per_device(single)
 def expected_spec(names, vocab_width):
     """The table's placement; with `vocab_width`, the fallback for the vocabulary tables."""
     return partition_spec(names, {**LOGICAL_RULES, **VOCAB_WIDTH_FALLBACK} if vocab_width and "vocab" in names
@@ -115,6 +133,7 @@ for preset in ["model2", "data2", "data8", "data2_model2", "data4_model2", "mode
         "lm_head_spec": str(shardings["vlm.lm_head.kernel"].spec),
         "bytes_per_device": sorted(set(per_device.values())),
         "kv_cache": kv_cache_placement(pipeline),
+        "prefill_flops_per_device": prefill_flops_per_device(pipeline),
     }
 
 # A converted bundle restores straight into the shardings too.
