@@ -55,6 +55,8 @@ def test_results_are_the_batched_runs(pipeline, clips, clip_dir, tmp_path):
         assert written["generated_token_ids"] == expected["generated_token_ids"]
         np.testing.assert_array_equal(np.asarray(written["xyz"], np.float32), samples.xyz[index])
         assert np.asarray(written["rotation"]).shape == (2, 64, 3, 3)
+        assert written["batch"] == ({"number": 0, "clips": ["a", "b"], "size": 2} if name != "c"
+                                    else {"number": 1, "clips": ["c"], "size": 2})
 
     # A rerun keeps what exists; overwrite recomputes.
     again = run_clips(pipeline, clip_paths(clip_dir), tmp_path / "out", key, batch_size=2, **OPTIONS)

@@ -7,7 +7,8 @@ A batch holds `batch_size` clips (default: the mesh's data axis size, else 1) of
 a short batch is filled up with copies of its last clip, whose results are dropped, so every batch
 compiles to the same program. A clip that cannot be read is reported and skipped; the others run.
 Existing result files are kept (a rerun resumes) unless `overwrite`. Batch k samples with
-`fold_in(key, k)`, so sampled results depend on which clips share a batch; greedy ones do not.
+`fold_in(key, k)`, so sampled results depend on which clips share a batch (each result file names
+its batch: number, clips, size); greedy ones do not.
 Under `jax.distributed`, every process runs every batch and process 0 writes the files.
 """
 
@@ -131,10 +132,13 @@ def run_clips(
             clips += [clips[-1]] * (batch_size - len(clips))  # fill-up copies, results dropped
             samples = sample_trajectories(pipeline, clips, jax.random.fold_in(key, batch_number), **options)
             batch_number += 1
+            # What a sampled result depends on, so that it can be reproduced.
+            provenance = {"number": batch_number - 1, "clips": [path.stem for path, _ in group],
+                          "size": batch_size}
             for index, (path, clip) in enumerate(group):
                 result = out_dir / f"{path.stem}.json"
                 if writer:
-                    write_result(result, result_record(samples, index))
+                    write_result(result, {**result_record(samples, index), "batch": provenance})
                     if plots:
                         from alpamayo_jax.plot import plot_trajectories
 
