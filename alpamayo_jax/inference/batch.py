@@ -8,7 +8,7 @@ a short batch is filled up with copies of its last clip, whose results are dropp
 compiles to the same program. A clip that cannot be read is reported and skipped; the others run.
 Existing result files are kept (a rerun resumes) unless `overwrite`. Batch k samples with
 `fold_in(key, k)`, so sampled results depend on which clips share a batch (each result file names
-its batch: number, clips, size); greedy ones do not.
+its batch: number, clips, size); greedy ones do not (up to float rounding).
 Under `jax.distributed`, every process runs every batch and process 0 writes the files.
 """
 
