@@ -126,6 +126,13 @@ def test_indivisible_dimension_is_a_clear_error(multidevice):
     assert "vlm.language_model.layers.0.self_attn.k_proj.kernel" in error
 
 
+def test_vocabulary_without_a_fallback_is_a_clear_error(multidevice):
+    error = multidevice["indivisible_vocab_error"]
+    assert error is not None
+    assert "vlm.lm_head.kernel: dimension 1 (vocab, size 778) does not divide over mesh axis 'model' of size 3" in error
+    assert "vlm.language_model.embed_tokens.embedding: dimension 0 (vocab, size 778)" in error
+
+
 def test_bundle_loads_straight_into_shardings(multidevice):
     bundle = multidevice["bundle"]
     assert bundle["tokens"] == multidevice["reference_tokens"]

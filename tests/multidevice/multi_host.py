@@ -12,8 +12,6 @@ import sys
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
 
 import jax  # noqa: E402
-import numpy as np  # noqa: E402
-from safetensors.numpy import load_file  # noqa: E402
 
 from alpamayo_jax.sharding import make_mesh, start_distributed  # noqa: E402
 
@@ -21,18 +19,11 @@ fixture, process_id, port = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 start_distributed(f"localhost:{port}", num_processes=2, process_id=process_id)
 jax.config.update("jax_default_matmul_precision", "highest")
 
-from alpamayo_jax.inference.pipeline import Pipeline, prepare_clips, sample_from_inputs  # noqa: E402
+from workload import Workload  # noqa: E402
 
-golden = load_file(f"{fixture}/golden.safetensors")
-history = golden["input.ego_history_xyz"][0], golden["input.ego_history_rot"][0]
-frames = [golden["input.image_frames"], golden["input.image_frames"][::-1]]
-
-mesh = make_mesh("data4_model2")
-pipeline = Pipeline.load(f"{fixture}/hf", processor_dir=f"{fixture}/vlm", mesh=mesh)
-inputs = prepare_clips(pipeline, frames, [history[0][0]] * 2, [history[1][0]] * 2)
-samples = sample_from_inputs(pipeline, inputs["fused_input_ids"], inputs["pixel_values"], inputs["image_grid_thw"],
-                             np.repeat(history[0], 2, 0), np.repeat(history[1], 2, 0), jax.random.key(3),
-                             num_samples=4, temperature=1.0, max_new_tokens=12)
+workload = Workload(fixture)
+pipeline = workload.load(make_mesh("data4_model2"))
+samples = workload.run(pipeline)
 kernel = pipeline.model.vlm.lm_head.kernel.get_value()
 print("RESULT " + json.dumps({
     "process_index": jax.process_index(),

@@ -16,13 +16,14 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
-from safetensors.numpy import load_file  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
+from workload import Workload  # noqa: E402
+
 from alpamayo_jax.config import alpamayo_r1_10b  # noqa: E402
 from alpamayo_jax.inference.generation import GenerationConfig, _prefill, generate  # noqa: E402
-from alpamayo_jax.inference.pipeline import Pipeline, prepare_clips, sample_from_inputs  # noqa: E402
+from alpamayo_jax.inference.pipeline import Pipeline  # noqa: E402
 from alpamayo_jax.io.assign import module_variables  # noqa: E402
 from alpamayo_jax.io.convert import convert_checkpoint  # noqa: E402
 from alpamayo_jax.models.alpamayo import AlpamayoR1  # noqa: E402
@@ -39,29 +40,12 @@ from alpamayo_jax.sharding import (  # noqa: E402
     shard_model,
 )
 
-fixture = sys.argv[1]
-golden = load_file(f"{fixture}/golden.safetensors")
-history = golden["input.ego_history_xyz"][0], golden["input.ego_history_rot"][0]
-# Two clips of equal image sizes: the fixture's cameras, and the same cameras in reverse order.
-frames = [golden["input.image_frames"], golden["input.image_frames"][::-1]]
+workload = Workload(sys.argv[1])
+fixture, load, run = workload.fixture, workload.load, workload.run
 
 
-def load(mesh=None):
-    return Pipeline.load(f"{fixture}/hf", processor_dir=f"{fixture}/vlm", mesh=mesh)
-
-
-def run(pipeline, clips=2, num_samples=4):
-    """clips x num_samples rows (8 by default: every preset's data axis divides them)."""
-    inputs = prepare_clips(pipeline, frames[:clips], [history[0][0]] * clips, [history[1][0]] * clips)
-    return sample_from_inputs(pipeline, inputs["fused_input_ids"], inputs["pixel_values"],
-                              inputs["image_grid_thw"], np.repeat(history[0], clips, 0),
-                              np.repeat(history[1], clips, 0), jax.random.key(3), num_samples=num_samples,
-                              temperature=1.0, max_new_tokens=12)
-
-
-def kv_cache_placement(pipeline):
+def kv_cache_placement(pipeline, inputs):
     """The rollout's KV cache under the pipeline's mesh: partition spec and one device's block."""
-    inputs = prepare_clips(pipeline, frames, [history[0][0]] * 2, [history[1][0]] * 2)
     config = GenerationConfig.for_alpamayo(pipeline.config, pad_token_id=pipeline.tokenizer.pad_token_id,
                                            max_new_tokens=4)
     with pipeline.on_mesh():
@@ -72,9 +56,8 @@ def kv_cache_placement(pipeline):
             "block": list(cache.k.addressable_shards[0].data.shape)}
 
 
-def prefill_flops_per_device(pipeline):
+def prefill_flops_per_device(pipeline, inputs):
     """XLA's count of floating-point operations per device of the 2-clip multimodal prefill."""
-    inputs = prepare_clips(pipeline, frames, [history[0][0]] * 2, [history[1][0]] * 2)
     grid = as_image_grid(inputs["image_grid_thw"])
     positions, deltas = get_rope_index(inputs["fused_input_ids"], np.asarray(grid), spatial_merge_size=2,
                                        image_token_id=pipeline.config.image_token_id,
@@ -91,9 +74,10 @@ report = {"devices": len(jax.devices())}
 single = load()
 report["single_device_bytes"] = sum(bytes_per_device(single.model).values())
 reference = run(single)
+inputs = workload.inputs(single)  # the same for every pipeline: one tokenizer, one template
 report["reference_tokens"] = reference.generated_token_ids
 report["reference_xyz"] = reference.xyz.tolist()
-report["single_device_prefill_flops"] = prefill_flops_per_device(single)
+report["single_device_prefill_flops"] = prefill_flops_per_device(single, inputs)
 def expected_spec(names, vocab_width):
     """The table's placement; with `vocab_width`, the fallback for the vocabulary tables."""
     return partition_spec(names, {**LOGICAL_RULES, **VOCAB_WIDTH_FALLBACK} if vocab_width and "vocab" in names
@@ -132,8 +116,8 @@ for preset in ["model2", "data2", "data8", "data2_model2", "data4_model2", "mode
         "kv_proj_spec": str(shardings["vlm.language_model.layers.0.self_attn.k_proj.kernel"].spec),
         "lm_head_spec": str(shardings["vlm.lm_head.kernel"].spec),
         "bytes_per_device": sorted(set(per_device.values())),
-        "kv_cache": kv_cache_placement(pipeline),
-        "prefill_flops_per_device": prefill_flops_per_device(pipeline),
+        "kv_cache": kv_cache_placement(pipeline, inputs),
+        "prefill_flops_per_device": prefill_flops_per_device(pipeline, inputs),
     }
 
 # A converted bundle restores straight into the shardings too.
@@ -158,10 +142,13 @@ try:
 except ShardingError as error:
     report["uneven_rows_error"] = str(error)
 
-# A model axis that does not divide the key/value heads (2 over 4) is an error naming the parameter.
-try:
-    param_shardings(load().model, make_mesh("model4"))
-    report["indivisible_error"] = None
-except ShardingError as error:
-    report["indivisible_error"] = str(error)
+# A model axis that does not divide the key/value heads (2 over 4) is an error naming the parameter;
+# over 3, neither the vocabulary (778) nor its fallback, the width (64), divides: the error names
+# the table's own placement.
+for name, shape in [("indivisible_error", "model4"), ("indivisible_vocab_error", "1x3")]:
+    try:
+        param_shardings(load().model, make_mesh(shape))
+        report[name] = None
+    except ShardingError as error:
+        report[name] = str(error)
 print("RESULT " + json.dumps(report))
