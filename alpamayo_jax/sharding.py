@@ -198,13 +198,13 @@ def _param_sharding(mesh: Mesh, shape: tuple[int, ...], names: tuple[str | None,
                     rules: Mapping[str, str | None]) -> NamedSharding:
     try:
         return sharding_for(mesh, shape, names, name=path, rules=rules)
-    except ShardingError:
+    except ShardingError as error:
         if "vocab" not in names:
             raise
-        fallback = {**rules, **VOCAB_WIDTH_FALLBACK}
-        if _indivisible(shape, partition_spec(names, fallback), mesh.shape):
-            raise
-        return sharding_for(mesh, shape, names, name=path, rules=fallback)
+        try:
+            return sharding_for(mesh, shape, names, name=path, rules={**rules, **VOCAB_WIDTH_FALLBACK})
+        except ShardingError:
+            raise error from None  # the table's own placement is what the user needs to hear about
 
 
 def param_shardings(model: nnx.Module, mesh: Mesh, rules: Mapping[str, str | None] = LOGICAL_RULES

@@ -23,6 +23,7 @@ from pathlib import Path
 import jax
 
 from alpamayo_jax.inference.pipeline import Pipeline, TrajectorySamples, sample_trajectories
+from alpamayo_jax.plot import plot_trajectories
 from alpamayo_jax.processing.clip import Clip, ClipError, load_clip, write_atomically
 
 
@@ -131,17 +132,14 @@ def run_clips(
             clips = [clip for _, clip in group]
             clips += [clips[-1]] * (batch_size - len(clips))  # fill-up copies, results dropped
             samples = sample_trajectories(pipeline, clips, jax.random.fold_in(key, batch_number), **options)
-            batch_number += 1
             # What a sampled result depends on, so that it can be reproduced.
-            provenance = {"number": batch_number - 1, "clips": [path.stem for path, _ in group],
-                          "size": batch_size}
+            provenance = {"number": batch_number, "clips": [path.stem for path, _ in group], "size": batch_size}
+            batch_number += 1
             for index, (path, clip) in enumerate(group):
                 result = out_dir / f"{path.stem}.json"
                 if writer:
                     write_result(result, {**result_record(samples, index), "batch": provenance})
                     if plots:
-                        from alpamayo_jax.plot import plot_trajectories
-
                         plot_trajectories(result.with_suffix(".png"), clip.ego_history_xyz, samples.xyz[index],
                                           title=path.stem)
                 summary.written.append(result)
