@@ -4,6 +4,7 @@ kind of malformed checkpoint fails with an error naming the tensor or file, leav
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import struct
@@ -18,12 +19,22 @@ import pytest
 from flax import nnx
 
 from alpamayo_jax.config import ConfigError, tiny
-from alpamayo_jax.io.assign import WeightMapError, export_plan, load_tensors_into, module_variables
+from alpamayo_jax.io import safetensors as safetensors_module
+from alpamayo_jax.io.assign import (
+    WeightMapError,
+    describe,
+    export_plan,
+    load_tensors_into,
+    module_variables,
+    plan_assignment,
+    read_assignment,
+)
 from alpamayo_jax.io.bundle import load_bundle
 from alpamayo_jax.io.convert import convert_checkpoint
 from alpamayo_jax.io.hf import load_hf_checkpoint, save_hf_checkpoint
 from alpamayo_jax.io.safetensors import CheckpointFormatError, CheckpointReader, write_safetensors
 from alpamayo_jax.io.weight_map import alpamayo_rules, qwen3_vl_rules
+from alpamayo_jax.models.alpamayo import AlpamayoR1
 from alpamayo_jax.models.vlm import Qwen3VL
 from alpamayo_jax.processing.rope_index import get_rope_index
 from alpamayo_jax.processing.tokenizer import load_tokenizer
@@ -41,6 +52,7 @@ def test_report(bundle, checkpoint):
     out, report = bundle
     assert json.loads((out / "conversion_report.json").read_text()) == report
     assert report["num_tensors"] == len(checkpoint) == len(report["sha256"])
+    assert report["sha256"] == {k: hashlib.sha256(v.tobytes()).hexdigest() for k, v in checkpoint.items()}
     parameters = sum(v.size for k, v in checkpoint.items())
     assert report["num_parameters"] == parameters == sum(report["parameters_per_module"].values())
     assert set(report["parameters_per_module"]) >= {"vlm.visual", "vlm.language_model", "expert"}
@@ -72,6 +84,30 @@ def test_export_round_trip_is_byte_identical(bundle, fixture_dir, tmp_path, chec
         again = exported[key]
         assert again.dtype == value.dtype and again.shape == value.shape, key
         assert again.tobytes() == value.tobytes(), key
+
+
+@pytest.mark.parametrize("dtype", [None, "bfloat16"])
+def test_blockwise_reads_give_the_in_memory_result(fixture_dir, tmp_path, checkpoint, monkeypatch, dtype):
+    # Blocks far smaller than the tensors: every tensor is read in many pieces, transposed ones
+    # through a view of the parameter, cast ones through the block buffer.
+    monkeypatch.setattr(safetensors_module, "READ_BLOCK_BYTES", 1000)
+    report = convert_checkpoint(fixture_dir / "hf", fixture_dir / "vlm", tmp_path / "bundle", dtype=dtype)
+    assert report["sha256"] == {k: hashlib.sha256(v.tobytes()).hexdigest() for k, v in checkpoint.items()}
+    converted, _ = load_bundle(tmp_path / "bundle")
+    param_dtype = jnp.bfloat16 if dtype else jnp.float32
+    expected = AlpamayoR1(tiny(), param_dtype=param_dtype, rngs=nnx.Rngs(0))
+    load_tensors_into(expected, checkpoint, alpamayo_rules())
+    expected = module_variables(expected)
+    for path, variable in module_variables(converted).items():
+        value, want = np.asarray(variable.get_value()), np.asarray(expected[path].get_value())
+        assert value.dtype == want.dtype and value.tobytes() == want.tobytes(), path
+
+
+def test_stored_bytes_need_a_checkpoint_reader(tiny_model, checkpoint):
+    variables = module_variables(tiny_model)
+    item = plan_assignment(variables, describe(checkpoint), alpamayo_rules())[0]
+    with pytest.raises(ValueError, match="on_bytes needs a CheckpointReader"):
+        read_assignment(item, checkpoint, variables[item.path], on_bytes=lambda data: None)
 
 
 def test_bf16_conversion_keeps_bf16(fixture_dir, tmp_path, checkpoint):

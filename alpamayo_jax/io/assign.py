@@ -141,7 +141,8 @@ def read_assignment(item: Assignment, tensors: Mapping[str, np.ndarray], target:
     """Reads one planned tensor and returns it in the parameter's layout and dtype.
 
     `on_tensor` gets the tensor's values in checkpoint layout (from a `CheckpointReader`: cast to
-    the parameter's dtype), `on_bytes` its stored bytes, possibly in several pieces (checksums)."""
+    the parameter's dtype); `on_bytes` (a `CheckpointReader` only) its stored bytes, in several
+    pieces (checksums)."""
     if isinstance(tensors, CheckpointReader):
         # Read straight into the parameter's array through a view of it in checkpoint layout: the
         # tensor is in memory once (plus one read block), not once as read and once laid out.
@@ -150,10 +151,10 @@ def read_assignment(item: Assignment, tensors: Mapping[str, np.ndarray], target:
         if not np.may_share_memory(source, value):
             raise AssertionError(f"{item.rule.layout} layout of {item.path!r} is not a view of the parameter")
         tensors.read_into(item.key, source, on_bytes=on_bytes)
+    elif on_bytes is not None:
+        raise ValueError("on_bytes needs a CheckpointReader (stored bytes); got an in-memory mapping")
     else:
         source = np.asarray(tensors[item.key])
-        if on_bytes is not None:
-            on_bytes(memoryview(np.ascontiguousarray(source).reshape(-1).view(np.uint8)))
         # A contiguous result no longer refers to the source, which the caller may then free.
         value = to_param_layout(item.rule, source, tuple(target.shape)).astype(target.dtype, copy=False)
         value = np.asarray(value, order="C")  # (np.ascontiguousarray would turn 0-d buffers into 1-d)
