@@ -118,3 +118,24 @@ def test_multi_host_options_go_together(fixture_dir, clip_dir, tmp_path):
                           "localhost:1234"], capture_output=True, text=True, timeout=300)
     assert run.returncode == 1
     assert "--coordinator, --num-processes and --process-id go together" in run.stderr
+
+
+def test_clips_of_different_image_sizes_run_in_separate_batches(pipeline, clips, tmp_path):
+    from alpamayo_jax.processing.clip import synthetic_clip
+
+    directory = tmp_path / "mixed"
+    directory.mkdir()
+    save_clip(directory / "a.npz", clips["a"])
+    save_clip(directory / "small.npz", synthetic_clip(0, image_size=(40, 64)))
+    summary = run_clips(pipeline, clip_paths(directory), tmp_path / "out", jax.random.key(0), batch_size=2,
+                        greedy=True, max_new_tokens=2)
+    assert [p.name for p in summary.written] == ["a.json", "small.json"] and not summary.failed
+    batches = [json.loads((tmp_path / "out" / name).read_text())["batch"] for name in ("a.json", "small.json")]
+    assert batches == [{"number": 0, "clips": ["a"], "size": 2}, {"number": 1, "clips": ["small"], "size": 2}]
+
+
+def test_batch_options_are_checked(pipeline, clip_dir, tmp_path):
+    with pytest.raises(ValueError, match="noise cannot be given"):
+        run_clips(pipeline, clip_paths(clip_dir), tmp_path / "out", jax.random.key(0), noise=np.zeros((1, 64, 2)))
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        run_clips(pipeline, clip_paths(clip_dir), tmp_path / "out", jax.random.key(0), batch_size=0)
