@@ -15,13 +15,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from alpamayo_jax.config import TIMESTEP_SAMPLERS, FlowMatchingConfig
 from alpamayo_jax.numerics import torch_linspace_f32
 
 VelocityFn = Callable[[jax.Array, jax.Array], jax.Array]  # (x (N, W, C), t (N,)) -> v (N, W, C)
 
-# The reference's training-time sampler: t = 0.999 - 0.999 s with s ~ Beta(1.5, 1), which puts
-# more weight on the noisy end (t near 0).
+# The reference's default training-time sampler ("beta"): t = 0.999 - 0.999 s with s ~ Beta(1.5, 1),
+# which puts more weight on the noisy end (t near 0). The other one, "uniform", is t ~ U[0, 1).
 BETA_A, BETA_B, BETA_SCALE = 1.5, 1.0, 0.999
+DEFAULT_TIMESTEP_SAMPLER = FlowMatchingConfig.train_timestep_sampler  # "beta"
 
 
 def time_grid(num_steps: int) -> np.ndarray:
@@ -69,10 +71,16 @@ def euler_sample(velocity_fn: VelocityFn, noise: jax.Array, num_steps: int = DEF
     return EulerResult(final, jnp.concatenate([before, final[None]], axis=0), velocities)
 
 
-def sample_timesteps(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-    """Training flow times in (0, 0.999], float32, biased towards the noisy end."""
-    s = jax.random.beta(key, BETA_A, BETA_B, shape, dtype=jnp.float32)
-    return BETA_SCALE - s * BETA_SCALE
+def sample_timesteps(key: jax.Array, shape: tuple[int, ...],
+                     sampler: str = DEFAULT_TIMESTEP_SAMPLER) -> jax.Array:
+    """Training flow times, float32. `sampler` (static, one of `TIMESTEP_SAMPLERS`): "beta" draws
+    from (0, 0.999], biased towards the noisy end; "uniform" draws from [0, 1)."""
+    if sampler == "beta":
+        s = jax.random.beta(key, BETA_A, BETA_B, shape, dtype=jnp.float32)
+        return BETA_SCALE - s * BETA_SCALE
+    if sampler == "uniform":
+        return jax.random.uniform(key, shape, jnp.float32)
+    raise ValueError(f"unknown timestep sampler {sampler!r}; expected one of {TIMESTEP_SAMPLERS}")
 
 
 def interpolate(actions: jax.Array, noise: jax.Array, t: jax.Array) -> jax.Array:
@@ -81,11 +89,21 @@ def interpolate(actions: jax.Array, noise: jax.Array, t: jax.Array) -> jax.Array
     return t * actions + (1 - t) * noise
 
 
-def flow_matching_loss(velocity_fn: VelocityFn, actions: jax.Array, key: jax.Array) -> jax.Array:
+def flow_matching_loss(velocity_fn: VelocityFn, actions: jax.Array, key: jax.Array,
+                       config: FlowMatchingConfig | None = None, *, sampler: str | None = None) -> jax.Array:
     """Mean squared error between v(x_t, t) and the target velocity x_1 - eps, with t drawn by
-    `sample_timesteps` and eps ~ N(0, I) from `key`. `actions` (N, W, C) are normalised."""
+    `sample_timesteps` and eps ~ N(0, I) from `key`. `actions` (N, W, C) are normalised.
+
+    The timestep sampler is `config.train_timestep_sampler`, or `sampler`, or (neither given) the
+    reference's default "beta"; giving both is an error. Both are static under `jax.jit`."""
+    if config is not None and sampler is not None:
+        raise TypeError("pass the timestep sampler either in config or as sampler=, not both")
+    if config is not None:
+        sampler = config.train_timestep_sampler
+    elif sampler is None:
+        sampler = DEFAULT_TIMESTEP_SAMPLER
     time_key, noise_key = jax.random.split(key)
-    t = sample_timesteps(time_key, actions.shape[:1])
+    t = sample_timesteps(time_key, actions.shape[:1], sampler)
     noise = jax.random.normal(noise_key, actions.shape, jnp.float32)
     prediction = velocity_fn(interpolate(actions, noise, t), t)
     target = (actions - noise).astype(prediction.dtype)
