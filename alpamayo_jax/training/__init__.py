@@ -1,0 +1,1 @@
+"""Supervised fine-tuning: optimizer, schedule and trainable-parameter selection."""
