@@ -1,29 +1,24 @@
-"""Clips and precomputed model inputs: construction checks, file round trips and their errors."""
+"""Clips and clip files: construction checks, canonical camera order, file round trips and errors."""
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 
 import numpy as np
 import pytest
-from safetensors.numpy import save_file
 
 from alpamayo_jax.processing.clip import (
     CAMERA_NAMES,
     FRAME_TIMESTAMPS,
+    MAX_SPEED,
     Clip,
     ClipError,
-    ModelInputs,
-    arc_history,
-    load_clip,
-    load_model_inputs,
-    save_clip,
-    save_model_inputs,
-    synthetic_clip,
     validate_clip,
 )
+from alpamayo_jax.processing.clip_file import load_clip, save_clip
+from alpamayo_jax.processing.image import MAX_ASPECT_RATIO
+from alpamayo_jax.processing.synthetic import arc_history, synthetic_clip
 
 
 def _frames(shape=(4, 4, 3, 8, 12), seed=0):
@@ -139,42 +134,6 @@ def test_counts_are_configurable():
 
 
 # ---------------------------------------------------------------------------------------------
-# Synthetic clips
-# ---------------------------------------------------------------------------------------------
-
-
-def test_synthetic_clip_is_valid_and_deterministic():
-    clip = synthetic_clip(7, image_size=(20, 30))
-    validate_clip(clip)
-    assert clip.camera_frames.shape == (4, 4, 3, 20, 30)
-    assert clip.camera_frames.std() > 10  # not a blank image
-    _assert_clips_equal(synthetic_clip(7, image_size=(20, 30)), clip)
-    assert not np.array_equal(synthetic_clip(8, image_size=(20, 30)).camera_frames, clip.camera_frames)
-    np.testing.assert_array_equal(clip.ego_history_xyz[-1], 0.0)
-    np.testing.assert_array_equal(clip.ego_history_rot[-1], np.eye(3))
-
-
-@pytest.mark.parametrize("speed, curvature", [(8.0, 0.01), (12.0, -0.05), (3.0, 0.0)])
-def test_synthetic_history_is_an_arc(speed, curvature):
-    clip = synthetic_clip(speed=speed, curvature=curvature)
-    xyz, rot = clip.ego_history_xyz.astype(np.float64), clip.ego_history_rot.astype(np.float64)
-    steps = np.diff(xyz, axis=0)
-    np.testing.assert_allclose(np.linalg.norm(steps, axis=1) / 0.1, speed, rtol=0.01)
-    np.testing.assert_array_equal(xyz[:, 2], 0.0)
-    assert (xyz[:-1, 0] < 0).all()  # driving forward (+x) into the origin
-    if curvature == 0.0:
-        np.testing.assert_array_equal(xyz[:, 1], 0.0)
-    else:
-        radius = 1.0 / curvature  # centre (0, radius): left of the car for a left turn
-        np.testing.assert_allclose(np.hypot(xyz[:, 0], xyz[:, 1] - radius), abs(radius), rtol=1e-5)
-    yaw = np.arctan2(rot[:, 1, 0], rot[:, 0, 0])
-    np.testing.assert_allclose(rot[:, 2], [[0.0, 0.0, 1.0]] * 16, atol=0)  # yaw only
-    # The chord between two poses points along their mean heading.
-    np.testing.assert_allclose(np.arctan2(steps[:, 1], steps[:, 0]), (yaw[1:] + yaw[:-1]) / 2, atol=1e-5)
-    np.testing.assert_allclose(np.diff(yaw), curvature * speed * 0.1, atol=1e-6)
-
-
-# ---------------------------------------------------------------------------------------------
 # Validation errors
 # ---------------------------------------------------------------------------------------------
 
@@ -270,6 +229,10 @@ def test_validate_clip_checks_directly_built_clips(changes, match):
 # ---------------------------------------------------------------------------------------------
 
 
+def _assert_names_once(error, path):
+    assert str(error.value).count(str(path)) == 1, str(error.value)
+
+
 def _write_npz(path, **changes):
     xyz, rot = _history()
     arrays = dict(camera_frames=_frames(), ego_history_xyz=xyz, ego_history_rot=rot)
@@ -287,31 +250,47 @@ def _write_npz(path, **changes):
         ({"camera_frames": None, "camera_frames_0": _frames()[0], "camera_frames_2": _frames()[1]},
          r"missing key\(s\) \['camera_frames_1'\]"),
         ({"camera_names": np.array(CAMERA_NAMES, dtype=object)}, "camera_names: cannot read the array"),
+        # Arrays read while building the clip: their errors name the file once, not twice.
+        ({"timestamps": np.array(FRAME_TIMESTAMPS, dtype=object)}, "timestamps: cannot read the array"),
+        ({"ego_history_rot": np.empty((16, 3, 3), dtype=object)}, "ego_history_rot: cannot read the array"),
         ({"camera_names": np.arange(4)}, "camera_names: expected a 1-D str array"),
         ({"ego_history_xyz": _xyz_with_nan(0)},
          r"ego_history_xyz: NaN or infinite values at pose\(s\) \[0\]"),
         ({"camera_frames": _frames().astype(np.int16)}, "camera_frames: expected uint8"),
+        ({"camera_names": np.array(["front_wide_120fov", "rear_left_70fov", "a", "b"])},
+         r"camera_names: unknown camera name\(s\) \['rear_left_70fov', 'a', 'b'\]"),
+        ({"timestamps": np.array([-0.3, -0.2, -0.1, 0.08])}, "timestamps: frame 3 is at 0.08 s, expected 0 s"),
+        ({"ego_history_xyz": _history()[0] + [0.0, 0.0, 0.5]},
+         r"ego_history_xyz: the last pose \(t0\) must be the origin"),
         ({"timestamps": np.array([0.0, 0.1])}, r"timestamps: expected shape \(4,\)"),
     ],
 )
 def test_load_clip_errors_name_file_and_field(tmp_path, changes, match):
     path = tmp_path / "bad.npz"
     _write_npz(path, **changes)
-    with pytest.raises(ClipError, match=re.escape(str(path)) + ": .*" + match):
+    with pytest.raises(ClipError, match=re.escape(str(path)) + ": .*" + match) as error:
         load_clip(path)
+    _assert_names_once(error, path)
 
 
 def test_load_clip_rejects_missing_and_foreign_files(tmp_path):
-    with pytest.raises(FileNotFoundError, match="clip file not found"):
-        load_clip(tmp_path / "absent.npz")
+    absent = tmp_path / "absent.npz"
+    with pytest.raises(FileNotFoundError, match="clip file not found") as error:
+        load_clip(absent)
+    _assert_names_once(error, absent)
+    with pytest.raises(IsADirectoryError, match="a directory, not a clip .npz file") as error:
+        load_clip(tmp_path)
+    _assert_names_once(error, tmp_path)
     text = tmp_path / "clip.txt"
     text.write_text("not a zip")
-    with pytest.raises(ClipError, match="not an .npz archive"):
+    with pytest.raises(ClipError, match="not an .npz archive") as error:
         load_clip(text)
+    _assert_names_once(error, text)
     npy = tmp_path / "frames.npy"
     np.save(npy, _frames())
-    with pytest.raises(ClipError, match="not an .npz archive"):
+    with pytest.raises(ClipError, match="not an .npz archive") as error:
         load_clip(npy)
+    _assert_names_once(error, npy)
 
 
 def test_save_leaves_no_temporary_file(tmp_path):
@@ -346,89 +325,232 @@ def test_invalid_clip_is_not_saved(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# Precomputed model inputs
+# Camera names: known, distinct, and they put the cameras in the canonical order
+# ---------------------------------------------------------------------------------------------
+
+_PERMUTATION = (2, 0, 3, 1)  # file camera i is canonical camera _PERMUTATION[i]
+
+
+def test_unknown_camera_names_are_named_with_the_known_ones():
+    names = ("cross_left_120fov", "front_wide_120fov", "front_wide", "front_tele_30fov")
+    with pytest.raises(ClipError) as error:
+        Clip.create(**_args(camera_names=names))
+    message = str(error.value)
+    assert message.startswith("camera_names: unknown camera name(s) ['front_wide']")
+    assert all(name in message for name in CAMERA_NAMES)
+
+
+def test_duplicate_camera_names_are_named():
+    names = ("cross_left_120fov", "front_tele_30fov", "cross_right_120fov", "front_tele_30fov")
+    with pytest.raises(ClipError, match=r"camera_names: duplicate name\(s\) \['front_tele_30fov'\]"):
+        Clip.create(**_args(camera_names=names))
+
+
+def test_permuted_camera_names_reorder_the_frames():
+    canonical = Clip.create(**_args())
+    names = tuple(CAMERA_NAMES[c] for c in _PERMUTATION)
+    frames = canonical.camera_frames[list(_PERMUTATION)]  # camera i of the input is names[i]
+    clip = Clip.create(**_args(camera_frames=frames, camera_names=names))
+    assert clip.camera_names == CAMERA_NAMES
+    np.testing.assert_array_equal(clip.camera_frames, canonical.camera_frames)
+    validate_clip(clip)
+
+
+def test_saved_clip_with_permuted_names_loads_in_canonical_order(tmp_path):
+    canonical = synthetic_clip(4)
+    path = tmp_path / "permuted.npz"
+    np.savez(path, camera_frames=canonical.camera_frames[list(_PERMUTATION)],
+             camera_names=np.array([CAMERA_NAMES[c] for c in _PERMUTATION]),
+             ego_history_xyz=canonical.ego_history_xyz, ego_history_rot=canonical.ego_history_rot,
+             timestamps=canonical.timestamps)
+    loaded = load_clip(path)
+    _assert_clips_equal(loaded, canonical)
+    save_clip(tmp_path / "again.npz", loaded)  # stored in the canonical order from now on
+    with np.load(tmp_path / "again.npz") as archive:
+        assert archive["camera_names"].tolist() == list(CAMERA_NAMES)
+
+
+def test_permuted_cameras_of_different_sizes_are_reordered(tmp_path):
+    xyz, rot = _history()
+    cameras = [_frames((4, 3, 8 * (c + 1), 12), seed=c) for c in range(4)]  # canonical camera c
+    path = tmp_path / "mixed.npz"
+    np.savez(path, **{f"camera_frames_{i}": cameras[c] for i, c in enumerate(_PERMUTATION)},
+             camera_names=np.array([CAMERA_NAMES[c] for c in _PERMUTATION]), ego_history_xyz=xyz,
+             ego_history_rot=rot)
+    loaded = load_clip(path)
+    assert loaded.camera_names == CAMERA_NAMES
+    assert isinstance(loaded.camera_frames, tuple)
+    for got, expected in zip(loaded.camera_frames, cameras, strict=True):
+        np.testing.assert_array_equal(got, expected)
+
+
+def test_a_subset_of_cameras_is_ordered_among_itself():
+    frames = _frames((2, 4, 3, 8, 12))
+    clip = Clip.create(**_args(camera_frames=frames, camera_names=("front_tele_30fov", "cross_left_120fov")),
+                       num_cameras=2)
+    assert clip.camera_names == ("cross_left_120fov", "front_tele_30fov")
+    np.testing.assert_array_equal(clip.camera_frames, frames[::-1])
+
+
+def test_directly_built_clip_must_be_in_canonical_order():
+    clip = Clip(**_args(camera_names=tuple(CAMERA_NAMES[c] for c in _PERMUTATION)))
+    with pytest.raises(ClipError, match="camera_names: .* are not in the canonical order .*use Clip.create"):
+        validate_clip(clip)
+
+
+# ---------------------------------------------------------------------------------------------
+# Timestamps: the frame times relative to t0
 # ---------------------------------------------------------------------------------------------
 
 
-def _tensors(**changes):
-    xyz, rot = _history()
-    tensors = {
-        "input_ids": np.arange(20, dtype=np.int64)[None],
-        "pixel_values": np.random.default_rng(0).normal(size=(48, 8)).astype(np.float32),
-        "image_grid_thw": np.array([[1, 4, 6], [1, 4, 6]], np.int64),
-        "ego_history_xyz": xyz[None],
-        "ego_history_rot": rot[None],
-    }
-    tensors.update(changes)
-    return {k: v for k, v in tensors.items() if v is not None}
-
-
-def test_model_inputs_round_trip(tmp_path):
-    tensors = _tensors(attention_mask=np.ones((1, 20), np.int64))  # extra keys are ignored
-    save_file(tensors, tmp_path / "raw.safetensors")
-    inputs = load_model_inputs(tmp_path / "raw.safetensors")
-    assert isinstance(inputs, ModelInputs)
-    assert inputs.ego_history_xyz.shape == (16, 3) and inputs.ego_history_rot.shape == (16, 3, 3)
-    for name in ("input_ids", "pixel_values", "image_grid_thw"):
-        np.testing.assert_array_equal(getattr(inputs, name), tensors[name])
-    save_model_inputs(tmp_path / "inputs.safetensors", inputs)
-    again = load_model_inputs(tmp_path / "inputs.safetensors")
-    for name in ("input_ids", "pixel_values", "image_grid_thw", "ego_history_xyz", "ego_history_rot"):
-        np.testing.assert_array_equal(getattr(again, name), getattr(inputs, name))
-    assert again.input_ids.dtype == np.int64 and again.pixel_values.dtype == np.float32
-    assert sorted(os.listdir(tmp_path)) == ["inputs.safetensors", "raw.safetensors"]
-
-
-def test_model_inputs_accept_int32_ids(tmp_path):
-    save_file(_tensors(input_ids=np.arange(20, dtype=np.int32)[None]), tmp_path / "m.safetensors")
-    assert load_model_inputs(tmp_path / "m.safetensors").input_ids.dtype == np.int64
+def test_timestamps_within_a_frame_period_are_accepted():
+    # Frames that are the latest at or before each time, from 20 Hz cameras: up to 0.05 s early.
+    clip = Clip.create(**_args(timestamps=(-0.34, -0.25, -0.12, -0.04)))
+    np.testing.assert_array_equal(clip.timestamps, [-0.34, -0.25, -0.12, -0.04])
 
 
 @pytest.mark.parametrize(
-    "changes, match",
+    "timestamps, match",
     [
-        ({"pixel_values": None}, r"missing key\(s\) \['pixel_values'\]"),
-        ({"input_ids": np.arange(20, dtype=np.float32)[None]}, "input_ids: expected integers"),
-        ({"image_grid_thw": np.array([[1, 4, 6], [1, 4, 6]], np.float32)},
-         "image_grid_thw: expected integers"),
-        ({"pixel_values": np.zeros((48, 8), np.float64)},
-         "pixel_values: expected float32, got dtype float64"),
-        ({"ego_history_xyz": _history()[0][None].astype(np.float64)}, "ego_history_xyz: expected float32"),
-        ({"input_ids": np.arange(20, dtype=np.int64)}, r"input_ids: expected shape \(1, L\)"),
-        ({"pixel_values": np.zeros((48,), np.float32)}, r"pixel_values: expected a non-empty 2-D"),
-        ({"image_grid_thw": np.array([[1, 4], [1, 4]], np.int64)},
-         r"image_grid_thw: expected shape \(N, 3\)"),
-        ({"image_grid_thw": np.array([[1, 8, 6], [0, 4, 6]], np.int64)}, "image_grid_thw: expected positive"),
-        ({"ego_history_xyz": _history()[0]}, r"ego_history_xyz: expected shape \(1, T, 3\)"),
-        ({"ego_history_xyz": _history(15)[0][None], "ego_history_rot": _history(15)[1][None]},
-         "ego_history_xyz: expected 16 poses, got 15"),
-        ({"ego_history_rot": _history()[1]}, r"ego_history_rot: expected shape \(1, 16, 3, 3\)"),
-        ({"pixel_values": np.full((48, 8), np.nan, np.float32)},
-         "pixel_values: NaN or infinite values in 48 row"),
-        ({"ego_history_xyz": _xyz_with_nan(4)[None]},
-         r"ego_history_xyz: NaN or infinite values at pose\(s\) \[4\]"),
-        ({"ego_history_rot": _rot_with(1, -np.eye(3))[None]},
-         r"ego_history_rot: pose\(s\) \[1\] are not proper"),
-        ({"image_grid_thw": np.array([[1, 4, 6], [1, 4, 4]], np.int64)},
-         r"pixel_values: 48 rows, but image_grid_thw describes sum\(t \* h \* w\) = 40 patches"),
+        ((-0.3, -0.2, -0.17, 0.0), r"timestamps: frame 2 is at -0.17 s, expected -0.1 s within 0.05 s"),
+        ((-0.4, -0.3, -0.2, -0.1), r"timestamps: frame 0 is at -0.4 s, expected -0.3 s within 0.05 s"),
+        ((0.0, 0.1, 0.2, 0.3), r"timestamps: frame 0 is at 0 s, expected -0.3 s"),  # relative to the first
+        ((1.7e9, 1.7e9 + 0.1, 1.7e9 + 0.2, 1.7e9 + 0.3), "frame 0 is at 1.7e\\+09 s.*relative to t0"),
+        ((-3.0, -2.0, -1.0, 0.0), r"timestamps: frame 0 is at -3 s, expected -0.3 s"),  # not 10 Hz
     ],
 )
-def test_load_model_inputs_errors(tmp_path, changes, match):
-    path = tmp_path / "bad.safetensors"
-    save_file(_tensors(**changes), path)
-    with pytest.raises(ClipError, match=re.escape(str(path)) + ": " + match):
-        load_model_inputs(path)
+def test_timestamps_must_be_the_frame_times(timestamps, match):
+    with pytest.raises(ClipError, match=match):
+        Clip.create(**_args(timestamps=timestamps))
 
 
-def test_model_inputs_file_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="model inputs file not found"):
-        load_model_inputs(tmp_path / "absent.safetensors")
-    junk = tmp_path / "junk.safetensors"
-    junk.write_bytes(b"definitely not safetensors")
-    with pytest.raises(ClipError, match="not a readable .safetensors file"):
-        load_model_inputs(junk)
-    good = ModelInputs(**{k: (v[0] if k.startswith("ego") else v) for k, v in _tensors().items()})
-    bad = dataclasses.replace(good, pixel_values=np.zeros((47, 8), np.float32))
-    with pytest.raises(ClipError, match="pixel_values: 47 rows"):
-        save_model_inputs(tmp_path / "out.safetensors", bad)
-    assert sorted(os.listdir(tmp_path)) == ["junk.safetensors"]
+def test_timestamps_follow_the_frame_count():
+    xyz, rot = _history()
+    clip = Clip.create(_frames((4, 2, 3, 8, 12)), xyz, rot, timestamps=(-0.1, 0.0), num_frames=2)
+    assert clip.timestamps.tolist() == [-0.1, 0.0]
+    with pytest.raises(ClipError, match="frame 0 is at -0.3 s, expected -0.1 s"):
+        Clip.create(_frames((4, 2, 3, 8, 12)), xyz, rot, timestamps=(-0.3, -0.2), num_frames=2)
+
+
+# ---------------------------------------------------------------------------------------------
+# History: physically impossible histories fail, unusual ones pass
+# ---------------------------------------------------------------------------------------------
+
+
+def _jump_history(metres):
+    xyz, rot = _history()
+    xyz = xyz.copy()
+    xyz[:8, 0] -= metres  # poses 0..7 lie `metres` further back: a jump between poses 7 and 8
+    return xyz, rot
+
+
+def test_history_must_end_at_the_origin():
+    xyz, rot = _history()
+    with pytest.raises(ClipError) as error:
+        Clip.create(**_args(ego_history_xyz=xyz + [2.0, -1.0, 0.0], ego_history_rot=rot))
+    message = str(error.value)
+    assert message.startswith("ego_history_xyz: the last pose (t0) must be the origin of the t0 ego frame")
+    assert "[2.0, -1.0, 0.0]" in message and "p_local = R_t0^-1 (p - p_t0)" in message
+    # Within 1 mm is rounding, not an error.
+    Clip.create(**_args(ego_history_xyz=xyz + [5e-4, 0.0, 0.0], ego_history_rot=rot))
+
+
+def test_last_rotation_may_carry_a_small_pitch():
+    xyz, rot = _history()
+    pitch = np.deg2rad(0.6)  # as in the reference fixture
+    rot = rot.copy()
+    rot[-1] = [[np.cos(pitch), 0, -np.sin(pitch)], [0, 1, 0], [np.sin(pitch), 0, np.cos(pitch)]]
+    validate_clip(Clip.create(**_args(ego_history_xyz=xyz, ego_history_rot=rot)))
+
+
+@pytest.mark.parametrize(
+    "history, match",
+    [
+        (_jump_history(100.0), (r"ego_history_xyz: 1 of 15 steps faster than MAX_SPEED = 100 m/s \(360 km/h\), "
+                                r"first poses 7 -> 8: 100.5 m in 0.1 s = 1005 m/s")),
+        (arc_history(300.0, 0.0), (r"ego_history_xyz: 15 of 15 steps faster than MAX_SPEED = 100 m/s "
+                                   r"\(360 km/h\), first poses 0 -> 1: 30 m in 0.1 s = 300 m/s")),
+    ],
+    ids=["100 m jump", "steady 300 m/s"],
+)
+def test_impossible_speeds_are_errors(history, match):
+    with pytest.raises(ClipError, match=match):
+        Clip.create(**_args(ego_history_xyz=history[0], ego_history_rot=history[1]))
+
+
+@pytest.mark.parametrize(
+    "history",
+    [arc_history(80.0, 0.0), arc_history(-4.0, 0.02), arc_history(0.0, 0.0), arc_history(0.99 * MAX_SPEED, 0.0)],
+    ids=["80 m/s", "reversing", "standing still", "just below the maximum"],
+)
+def test_possible_histories_pass(history):
+    clip = Clip.create(**_args(ego_history_xyz=history[0], ego_history_rot=history[1]))
+    validate_clip(clip)
+
+
+def test_reversing_history_lies_ahead_of_the_car():
+    xyz, _ = arc_history(-4.0, 0.02)
+    assert (xyz[:-1, 0] > 0).all()  # reversing into the origin: the past is in front (+x)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pixel dtypes: hints that fit the dtype
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "dtype, hint",
+    [
+        (np.float32, r"convert float images in \[0, 1\] with np.round\(x \* 255\).astype\(np.uint8\)"),
+        (np.int16, (r"pixel values must be 0..255: only if these are 8-bit values, convert them with "
+                    r"np.clip\(x, 0, 255\).astype\(np.uint8\)")),
+        (np.uint16, r"pixel values must be 0..255: only if these are 8-bit values"),
+        (np.int64, r"pixel values must be 0..255: only if these are 8-bit values"),
+        (np.bool_, "a boolean array is a mask, not an image"),
+    ],
+)
+def test_pixel_dtype_hints_fit_the_dtype(dtype, hint):
+    frames = _frames().astype(dtype)
+    with pytest.raises(ClipError, match=rf"^camera_frames: expected uint8 pixels, got dtype {np.dtype(dtype)} "
+                                        rf"\({hint}"):
+        Clip.create(**_args(camera_frames=frames))
+    nested = [list(camera) for camera in frames]  # the per-frame path gives the same hint
+    with pytest.raises(ClipError, match=rf"^camera_frames\[0\]\[0\]: expected uint8 pixels, got dtype "
+                                        rf"{np.dtype(dtype)} \({hint}"):
+        Clip.create(**_args(camera_frames=nested))
+    with pytest.raises(ClipError, match=rf"^camera_frames\[0\]: expected uint8 pixels, got dtype "
+                                        rf"{np.dtype(dtype)} \({hint}"):
+        validate_clip(Clip(**_args(camera_frames=frames)))
+
+
+def test_float_hint_is_not_given_for_integers():
+    with pytest.raises(ClipError) as error:
+        Clip.create(**_args(camera_frames=_frames().astype(np.int16)))
+    assert "float" not in str(error.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Image aspect ratio: checked with the clip, not when the model preprocesses
+# ---------------------------------------------------------------------------------------------
+
+
+def test_extreme_aspect_ratio_fails_at_load_naming_file_and_camera(tmp_path):
+    xyz, rot = _history()
+    long_side = 2 * MAX_ASPECT_RATIO + 2  # 2 x 402 pixels: ratio 201
+    cameras = [_frames((4, 3, 8, 12), seed=c) for c in range(3)] + [_frames((4, 3, 2, long_side))]
+    path = tmp_path / "strip.npz"
+    np.savez(path, **{f"camera_frames_{c}": camera for c, camera in enumerate(cameras)},
+             camera_names=np.array(CAMERA_NAMES), ego_history_xyz=xyz, ego_history_rot=rot)
+    with pytest.raises(ClipError) as error:
+        load_clip(path)
+    assert str(error.value) == (f"{path}: camera_frames[3] (front_tele_30fov): aspect ratio of a 2x{long_side} "
+                                f"image exceeds {MAX_ASPECT_RATIO} (201.0)")
+
+
+def test_aspect_ratio_at_the_limit_is_accepted():
+    xyz, rot = _history()
+    cameras = [_frames((4, 3, 8, 12))] * 3 + [_frames((4, 3, 1, MAX_ASPECT_RATIO))]
+    clip = Clip.create(cameras, xyz, rot)
+    assert clip.camera_frames[3].shape == (4, 3, 1, MAX_ASPECT_RATIO)
+    with pytest.raises(ClipError, match=r"^camera_frames\[1\]: aspect ratio of a 201x1 image exceeds 200"):
+        Clip.create([_frames((4, 3, 8, 12)), _frames((4, 3, 201, 1))] + [_frames((4, 3, 8, 12))] * 2, xyz, rot)

@@ -18,12 +18,9 @@ when asked to (`force=True`).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -33,7 +30,9 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from alpamayo_jax.config import AlpamayoConfig
-from alpamayo_jax.io.assign import WeightMapError, module_variables
+from alpamayo_jax.io.assign import WeightMapError
+from alpamayo_jax.io.atomic import atomic_directory  # noqa: F401  (re-exported: bundles are written through it)
+from alpamayo_jax.nn.variables import module_variables
 from alpamayo_jax.models.alpamayo import AlpamayoR1
 from alpamayo_jax.sharding import param_shardings
 
@@ -47,30 +46,6 @@ REPORT_FILE = "conversion_report.json"
 def is_bundle(path: str | os.PathLike) -> bool:
     path = Path(path)
     return (path / PARAMS_DIR).is_dir() and (path / CONFIG_FILE).is_file() and (path / BACKBONE_CONFIG_FILE).is_file()
-
-
-@contextlib.contextmanager
-def atomic_directory(out_dir: str | os.PathLike, *, force: bool = False) -> Iterator[Path]:
-    """Yields a fresh temporary directory next to `out_dir`; on success it becomes `out_dir`, on any
-    error it is removed. An existing `out_dir` raises FileExistsError unless `force`, checked
-    before any work is done."""
-    out_dir = Path(out_dir).absolute()
-    if out_dir.exists() and not force:
-        raise FileExistsError(f"{out_dir} already exists; pass force=True (--force) to replace it")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
-    try:
-        yield staging
-        if out_dir.exists():
-            retired = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            os.replace(out_dir, retired / out_dir.name)
-            os.replace(staging, out_dir)
-            shutil.rmtree(retired)
-        else:
-            os.replace(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 def param_group(path: str) -> str:

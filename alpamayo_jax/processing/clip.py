@@ -1,76 +1,68 @@
-"""Driving clips on the host (numpy only): the model's raw inputs, their checks and file formats.
+"""Driving clips on the host (numpy only): what the model sees at time t0, and the checks on it.
 
-A `Clip` is what the model sees at time t0: C cameras x F frames of uint8 RGB images and the ego
-vehicle's last T poses. `Clip.create` converts and checks its arguments, `validate_clip` re-checks a
-clip, `save_clip` / `load_clip` store it, and `synthetic_clip` makes a deterministic one for demos.
-`ModelInputs` holds already-processed model inputs (prompt ids and vision patches, e.g. recorded
-from the reference processor) for exact parity runs.
+A `Clip` is C cameras x F frames of uint8 RGB images and the ego vehicle's last T poses, all
+relative to t0, the time the model predicts from. `Clip.create` converts and checks its arguments
+(and puts named cameras in their canonical order); `validate_clip` re-checks a clip. The `.npz`
+clip file format and `save_clip` / `load_clip` are in `alpamayo_jax.processing.clip_file`,
+deterministic demo clips in `alpamayo_jax.processing.synthetic`, and already-processed model
+inputs (for exact parity runs) in `alpamayo_jax.processing.recorded_inputs`.
 
 Shapes: C cameras (4), F frames per camera (4), H_c x W_c pixels of camera c's frames (cameras may
-differ, the frames of one camera may not), T history poses (16), L prompt tokens, N images,
-S patch rows (sum of t * h * w over the image grids), D values per patch row.
+differ, the frames of one camera may not), T history poses (16).
 
-Cameras are in index order cross_left_120fov, front_wide_120fov, cross_right_120fov,
-front_tele_30fov; frames are oldest first (t0 - 0.3, -0.2, -0.1, 0 s). The history is sampled at
-10 Hz over t0 - 1.5 s ... t0, oldest first, in the t0 ego frame: p_local = R_t0^-1 (p - p_t0),
-R_local = R_t0^-1 R, so the last position is the origin (x forward, y left, z up). Its rotation is
-the identity only when the history was made relative to the full t0 pose; the reference fixture's
-last rotation carries a small pitch, so that is not required.
+Cameras are in the reference's camera-index order: cross_left_120fov (index 0), front_wide_120fov
+(1), cross_right_120fov (2), front_tele_30fov (6) (`CAMERA_NAMES`); the model sees them in this
+order. A clip that names its cameras (`camera_names`) may give them in any order: `Clip.create`
+moves the frames of the camera named X to X's position. Unknown or repeated names are errors.
 
-Clip file (`.npz`, read with `allow_pickle=False`; compressed or not):
+Frames are oldest first, `FRAME_DT` apart, the newest at t0: -0.3, -0.2, -0.1, 0 s for 4 frames
+(`FRAME_TIMESTAMPS`). Recorded frame times (`timestamps`, seconds relative to t0) must match
+these within `TIMESTAMP_TOLERANCE`.
 
-  key                 dtype       shape                               notes
-  camera_frames       uint8       (C, F, 3, H, W) or (C, F, H, W, 3)  all cameras the same size
-  camera_frames_<c>   uint8       (F, 3, H_c, W_c) or (F, H_c, W_c, 3) instead of camera_frames, one
-                                                                      per camera c = 0..C-1, when
-                                                                      camera sizes differ
-  ego_history_xyz     float32     (T, 3)                              metres, t0 ego frame
-  ego_history_rot     float32     (T, 3, 3)                           rotation matrices, t0 ego frame
-  timestamps          float64     (F,)                                optional; seconds relative to
-                                                                      t0, strictly increasing
-  camera_names        str (<U..)  (C,)                                optional
-
-Other keys are rejected. An image axis of size 3 in front of H means channels-first, even when the
-last axis is 3 too (the rule of `processing.image.to_channels_first`).
-
-Model-inputs file (`.safetensors`, see `load_model_inputs`): input_ids (1, L) int, pixel_values
-(S, D) float32, image_grid_thw (N, 3) int, ego_history_xyz (1, T, 3) float32, ego_history_rot
-(1, T, 3, 3) float32; other keys (e.g. attention_mask) are ignored.
+The history is sampled every `HISTORY_DT` (10 Hz) over t0 - 1.5 s ... t0, oldest first, in the t0
+ego frame: p_local = R_t0^-1 (p - p_t0), R_local = R_t0^-1 R, so the last position is the origin
+(x forward, y left, z up; within `ORIGIN_TOLERANCE`). Its rotation is the identity only when the
+history was made relative to the full t0 pose; the reference fixture's last rotation carries a
+small pitch, so that is not required. No step between consecutive poses may be faster than
+`MAX_SPEED`. Standing still, reversing and any speed up to it are fine.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
-import re
-import secrets
-import zipfile
-from collections.abc import Callable, Sequence
-from pathlib import Path
-from typing import BinaryIO
+from collections import Counter
+from collections.abc import Sequence
 
 import numpy as np
-import safetensors
-from safetensors.numpy import load_file, save
 
-from alpamayo_jax.processing.image import to_channels_first
+from alpamayo_jax.processing.image import check_aspect_ratio, to_channels_first
 
+# Reference camera indices 0, 1, 2 and 6, in that order (the order of the model's images).
 CAMERA_NAMES = ("cross_left_120fov", "front_wide_120fov", "cross_right_120fov", "front_tele_30fov")
-FRAME_TIMESTAMPS = (-0.3, -0.2, -0.1, 0.0)  # seconds relative to t0
+FRAME_DT = 0.1  # seconds between the frames of one camera
+FRAME_TIMESTAMPS = (-0.3, -0.2, -0.1, 0.0)  # seconds relative to t0, for the default 4 frames
+# Largest accepted |timestamp - expected frame time|, in seconds. Real cameras deliver, for each
+# expected time, the latest frame at or before it, which can be up to one frame period older:
+# 0.05 s for 20 Hz cameras (less at 30 Hz). Anything further off is a different frame (the
+# frames are only FRAME_DT = 0.1 s apart) or times in another unit or origin.
+TIMESTAMP_TOLERANCE = 0.05
 HISTORY_DT = 0.1  # seconds between history poses
+# Largest accepted distance of the last history position from the origin, in metres: the history
+# is in the t0 ego frame, so its t0 pose is at the origin; float32 rounding of a transform of
+# positions a few hundred metres from the t0 pose stays far below 1 mm.
+ORIGIN_TOLERANCE = 1e-3
+# Fastest accepted motion between consecutive history poses, in m/s (360 km/h). Above any road
+# vehicle's driving speed, so a faster step is not driving but a data error: positions in the
+# wrong unit, poses from another frame or trip, or a gap in the recording.
+MAX_SPEED = 100.0
 # Largest accepted |R R^T - I| entry and |det R - 1|. float32 rounding of a true rotation is ~1e-7;
 # 1e-3 still rejects anything that is not a rotation (a reflection has det -1, a scaled matrix fails
 # R R^T = I) while accepting rotations that went through a few float32 products.
 ROTATION_TOLERANCE = 1e-3
 
-_REQUIRED_KEYS = ("ego_history_xyz", "ego_history_rot")
-_OPTIONAL_KEYS = ("timestamps", "camera_names")
-_PER_CAMERA_KEY = re.compile(r"camera_frames_(0|[1-9][0-9]*)")
-_UINT8_HINT = "convert float images in [0, 1] with np.round(x * 255).astype(np.uint8)"
-
 
 class ClipError(ValueError):
-    """A clip, model-inputs file or one of their fields is invalid."""
+    """A clip, recorded-inputs file or one of their fields is invalid."""
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -79,14 +71,16 @@ class Clip:
 
     Build with `Clip.create`, which converts and checks the arguments. `camera_frames` is a
     (C, F, 3, H, W) uint8 array, or, when camera sizes differ, a tuple of C (F, 3, H_c, W_c) uint8
-    arrays; `camera_frames[c][f]` is a (3, H_c, W_c) frame either way. Arrays are read-only.
+    arrays; `camera_frames[c][f]` is a (3, H_c, W_c) frame either way. Cameras are in the
+    canonical order (`CAMERA_NAMES`, of which `camera_names` is then a subsequence). Arrays are
+    read-only.
     """
 
     camera_frames: np.ndarray | tuple[np.ndarray, ...] = dataclasses.field(repr=False)
     ego_history_xyz: np.ndarray = dataclasses.field(repr=False)  # (T, 3) float32
     ego_history_rot: np.ndarray = dataclasses.field(repr=False)  # (T, 3, 3) float32
     timestamps: np.ndarray | None = None  # (F,) float64 seconds relative to t0
-    camera_names: tuple[str, ...] | None = None  # (C,)
+    camera_names: tuple[str, ...] | None = None  # (C,) in canonical order
 
     @classmethod
     def create(
@@ -104,8 +98,11 @@ class Clip:
         """A checked clip from array-likes.
 
         `camera_frames` is a 5-D uint8 array or nested sequences (cameras, then frames) of images,
-        each (3, H, W) or (H, W, 3). Histories of any real dtype are converted to float32. The
-        counts are checked as in `validate_clip`. Raises `ClipError`.
+        each (3, H, W) or (H, W, 3). Histories of any real dtype are converted to float32.
+        `camera_names`, one per camera, may be in any order: the cameras are put in the canonical
+        order (the frames of the camera named X at X's position in `CAMERA_NAMES`) and the clip's
+        `camera_names` are that order. The counts are checked as in `validate_clip`; errors index
+        the cameras as given. Raises `ClipError`.
         """
         clip = cls(
             camera_frames=_frames_channels_first(camera_frames),
@@ -114,8 +111,8 @@ class Clip:
             timestamps=None if timestamps is None else _real_array("timestamps", timestamps, np.float64),
             camera_names=None if camera_names is None else _names(camera_names),
         )
-        validate_clip(clip, num_cameras=num_cameras, num_frames=num_frames, num_history=num_history)
-        return clip
+        _validate(clip, num_cameras, num_frames, num_history, canonical_order=False)
+        return _in_canonical_order(clip)
 
 
 def validate_clip(
@@ -124,168 +121,21 @@ def validate_clip(
     """Raises `ClipError`, naming the field, unless `clip` is a valid clip with these counts
     (a count of None accepts any positive count).
 
-    Checks: C cameras of F non-empty channels-first uint8 frames (one size per camera); (T, 3)
-    positions and (T, 3, 3) rotations, all finite, each rotation with |R R^T - I| and |det R - 1|
-    within `ROTATION_TOLERANCE`; F strictly increasing finite timestamps; C camera names.
+    Checks: C cameras of F non-empty channels-first uint8 frames (one size per camera) whose aspect
+    ratio the image processor accepts (`processing.image.check_aspect_ratio`); (T, 3) positions and
+    (T, 3, 3) rotations, all finite, each rotation with |R R^T - I| and |det R - 1| within
+    `ROTATION_TOLERANCE`, the last position the origin within `ORIGIN_TOLERANCE` and no step
+    faster than `MAX_SPEED`; F strictly increasing timestamps, each within `TIMESTAMP_TOLERANCE`
+    of its frame time; C known, distinct camera names in the canonical order of `CAMERA_NAMES`.
     """
-    frames = clip.camera_frames
-    if isinstance(frames, np.ndarray):
-        if frames.ndim != 5:
-            raise ClipError(f"camera_frames: expected a 5-D (C, F, 3, H, W) array, got shape {frames.shape}")
-        cameras = list(frames)
-    elif isinstance(frames, tuple):
-        cameras = list(frames)
-    else:
-        raise ClipError(
-            f"camera_frames: expected an array or a tuple of per-camera arrays, got {type(frames).__name__} "
-            "(use Clip.create to convert)"
-        )
-    _check_count("camera_frames", "cameras", len(cameras), num_cameras)
-    for c, camera in enumerate(cameras):
-        name = f"camera_frames[{c}]"
-        if not isinstance(camera, np.ndarray) or camera.ndim != 4:
-            raise ClipError(f"{name}: expected a 4-D (F, 3, H, W) array, got {_describe(camera)}")
-        if camera.dtype != np.uint8:
-            raise ClipError(f"{name}: expected uint8 pixels, got dtype {camera.dtype} ({_UINT8_HINT})")
-        _check_count(name, "frames", camera.shape[0], num_frames if c == 0 else len(cameras[0]))
-        if camera.shape[1] != 3:
-            raise ClipError(
-                f"{name}: expected channels-first (F, 3, H, W) frames, got shape {camera.shape} "
-                "(use Clip.create to convert channels-last frames)"
-            )
-        if camera.shape[2] == 0 or camera.shape[3] == 0:
-            raise ClipError(f"{name}: frames are empty, shape {camera.shape}")
-
-    xyz = _array_field("ego_history_xyz", clip.ego_history_xyz)
-    rot = _array_field("ego_history_rot", clip.ego_history_rot)
-    if xyz.ndim != 2 or xyz.shape[1] != 3:
-        raise ClipError(f"ego_history_xyz: expected shape (T, 3), got {xyz.shape}{_squeeze_hint(xyz, 2)}")
-    _check_count("ego_history_xyz", "poses", xyz.shape[0], num_history)
-    if rot.shape != (xyz.shape[0], 3, 3):
-        raise ClipError(
-            f"ego_history_rot: expected shape {(xyz.shape[0], 3, 3)} (one rotation per position), "
-            f"got {rot.shape}{_squeeze_hint(rot, 3)}"
-        )
-    _check_poses("ego_history", xyz, rot)
-
-    if clip.timestamps is not None:
-        _check_timestamps(_array_field("timestamps", clip.timestamps), len(cameras[0]))
-    if clip.camera_names is not None:
-        names = clip.camera_names
-        if not isinstance(names, tuple) or not all(isinstance(n, str) for n in names):
-            raise ClipError(f"camera_names: expected a tuple of str, got {names!r}")
-        if len(names) != len(cameras):
-            raise ClipError(f"camera_names: expected {len(cameras)} names (one per camera), got {len(names)}")
+    _validate(clip, num_cameras, num_frames, num_history, canonical_order=True)
 
 
-# ---------------------------------------------------------------------------------------------
-# Conversion and checks
-# ---------------------------------------------------------------------------------------------
-
-
-def _frames_channels_first(frames) -> np.ndarray | tuple[np.ndarray, ...]:
-    """Camera frames -> read-only (C, F, 3, H, W) array, or a tuple of (F, 3, H_c, W_c) arrays
-    when camera sizes differ. Counts are left to `validate_clip`."""
-    if isinstance(frames, np.ndarray):
-        # One layout decision for the whole array: a transpose view, no per-frame copies.
-        if frames.ndim != 5:
-            raise ClipError(
-                "camera_frames: expected a 5-D (C, F, 3, H, W) or (C, F, H, W, 3) array, "
-                f"got shape {frames.shape}"
-            )
-        if frames.dtype != np.uint8:
-            raise ClipError(f"camera_frames: expected uint8 pixels, got dtype {frames.dtype} ({_UINT8_HINT})")
-        if frames.shape[2] != 3:
-            if frames.shape[4] != 3:
-                raise ClipError(
-                    f"camera_frames: expected 3 (RGB) channels on axis 2 or 4, got shape {frames.shape}"
-                )
-            frames = frames.transpose(0, 1, 4, 2, 3)
-        return _read_only(frames)
-    if isinstance(frames, (str, bytes)) or not isinstance(frames, Sequence):
-        raise ClipError(
-            f"camera_frames: expected an array or a sequence of cameras, got {type(frames).__name__}"
-        )
-    cameras = []
-    for c, camera in enumerate(frames):
-        if isinstance(camera, np.ndarray) and camera.ndim != 4:
-            raise ClipError(
-                f"camera_frames[{c}]: expected a 4-D (F, 3, H, W) or (F, H, W, 3) array, "
-                f"got shape {camera.shape}"
-            )
-        try:
-            images = [to_channels_first(f, name=f"camera_frames[{c}][{i}]") for i, f in enumerate(camera)]
-        except ValueError as error:
-            raise ClipError(str(error)) from None
-        if not images:
-            raise ClipError(f"camera_frames[{c}]: camera has no frames")
-        sizes = sorted({image.shape[1:] for image in images})
-        if len(sizes) > 1:
-            raise ClipError(
-                f"camera_frames[{c}]: frames have different sizes {sizes}; one camera has one size"
-            )
-        cameras.append(np.stack(images))
-    if cameras and len({camera.shape for camera in cameras}) == 1:
-        return _read_only(np.stack(cameras))
-    return tuple(_read_only(camera) for camera in cameras)
-
-
-def _read_only(array: np.ndarray) -> np.ndarray:
-    # A read-only view: the caller's array keeps its own flags.
-    view = array.view()
-    view.flags.writeable = False
-    return view
-
-
-def _real_array(name: str, value, dtype) -> np.ndarray:
-    array = np.asarray(value)
-    if array.dtype.kind not in "iuf":
-        raise ClipError(f"{name}: expected real numbers, got dtype {array.dtype}")
-    # A copy: later changes to the caller's array must not bypass the checks (histories are small).
-    return _read_only(array.astype(dtype))
-
-
-def _names(names) -> tuple[str, ...]:
-    if isinstance(names, str):
-        raise ClipError(f"camera_names: expected a sequence of names, got the single string {names!r}")
-    names = tuple(names)
-    if not all(isinstance(n, str) for n in names):
-        raise ClipError(f"camera_names: expected strings, got {names!r}")
-    return names
-
-
-def _array_field(name: str, value) -> np.ndarray:
-    if not isinstance(value, np.ndarray):
-        raise ClipError(
-            f"{name}: expected a numpy array, got {type(value).__name__} (use Clip.create to convert)"
-        )
-    if value.dtype.kind != "f":
-        raise ClipError(f"{name}: expected floating-point values, got dtype {value.dtype}")
-    return value
-
-
-def _describe(value) -> str:
-    return f"shape {value.shape}" if isinstance(value, np.ndarray) else type(value).__name__
-
-
-def _check_count(name: str, what: str, got: int, expected: int | None) -> None:
-    if got == 0 or (expected is not None and got != expected):
-        wanted = "at least 1" if expected is None else expected
-        raise ClipError(f"{name}: expected {wanted} {what}, got {got}")
-
-
-def _squeeze_hint(array: np.ndarray, ndim: int) -> str:
-    if array.ndim > ndim and all(n == 1 for n in array.shape[: array.ndim - ndim]):
-        return f" (drop the leading batch axes: x[{', '.join(['0'] * (array.ndim - ndim))}])"
-    return ""
-
-
-def _indices(mask: np.ndarray) -> list[int]:
-    return np.flatnonzero(mask).tolist()
-
-
-def _check_poses(prefix: str, xyz: np.ndarray, rot: np.ndarray) -> None:
-    """Finite (T, 3) positions and (T, 3, 3) proper rotations; errors name the pose indices."""
+def check_poses(xyz: np.ndarray, rot: np.ndarray, *, prefix: str = "ego_history") -> None:
+    """Raises `ClipError` unless (T, 3) positions `xyz` and (T, 3, 3) rotations `rot` are all
+    finite and every rotation is proper (|R R^T - I| and |det R - 1| within `ROTATION_TOLERANCE`).
+    Errors name the field (`<prefix>_xyz` / `<prefix>_rot`) and the pose indices. Shapes are the
+    caller's to check."""
     for name, array in ((f"{prefix}_xyz", xyz), (f"{prefix}_rot", rot)):
         bad = ~np.isfinite(array).reshape(len(array), -1).all(axis=1)
         if bad.any():
@@ -308,6 +158,121 @@ def _check_poses(prefix: str, xyz: np.ndarray, rot: np.ndarray) -> None:
         )
 
 
+def read_only(array: np.ndarray) -> np.ndarray:
+    """A read-only view of `array` (how clips hold their arrays); the caller's array keeps its
+    own flags."""
+    view = array.view()
+    view.flags.writeable = False
+    return view
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks
+# ---------------------------------------------------------------------------------------------
+
+
+def _validate(
+    clip: Clip, num_cameras: int | None, num_frames: int | None, num_history: int | None, *, canonical_order: bool
+) -> None:
+    """`validate_clip`; with `canonical_order=False` named cameras may be in any order (the
+    check `Clip.create` runs before reordering them)."""
+    frames = clip.camera_frames
+    if isinstance(frames, np.ndarray):
+        if frames.ndim != 5:
+            raise ClipError(f"camera_frames: expected a 5-D (C, F, 3, H, W) array, got shape {frames.shape}")
+        cameras = list(frames)
+    elif isinstance(frames, tuple):
+        cameras = list(frames)
+    else:
+        raise ClipError(
+            f"camera_frames: expected an array or a tuple of per-camera arrays, got {type(frames).__name__} "
+            "(use Clip.create to convert)"
+        )
+    _check_count("camera_frames", "cameras", len(cameras), num_cameras)
+    names = clip.camera_names
+    if names is not None:
+        _check_camera_names(names, len(cameras), canonical_order=canonical_order)
+    for c, camera in enumerate(cameras):
+        name = f"camera_frames[{c}]"
+        if not isinstance(camera, np.ndarray) or camera.ndim != 4:
+            raise ClipError(f"{name}: expected a 4-D (F, 3, H, W) array, got {_describe(camera)}")
+        if camera.dtype != np.uint8:
+            raise ClipError(f"{name}: expected uint8 pixels, got dtype {camera.dtype} ({_uint8_hint(camera.dtype)})")
+        _check_count(name, "frames", camera.shape[0], num_frames if c == 0 else len(cameras[0]))
+        if camera.shape[1] != 3:
+            raise ClipError(
+                f"{name}: expected channels-first (F, 3, H, W) frames, got shape {camera.shape} "
+                "(use Clip.create to convert channels-last frames)"
+            )
+        if camera.shape[2] == 0 or camera.shape[3] == 0:
+            raise ClipError(f"{name}: frames are empty, shape {camera.shape}")
+        try:
+            check_aspect_ratio(camera.shape[2], camera.shape[3])
+        except ValueError as error:
+            label = name if names is None else f"{name} ({names[c]})"
+            raise ClipError(f"{label}: {error}") from None
+
+    xyz = _array_field("ego_history_xyz", clip.ego_history_xyz)
+    rot = _array_field("ego_history_rot", clip.ego_history_rot)
+    if xyz.ndim != 2 or xyz.shape[1] != 3:
+        raise ClipError(f"ego_history_xyz: expected shape (T, 3), got {xyz.shape}{_squeeze_hint(xyz, 2)}")
+    _check_count("ego_history_xyz", "poses", xyz.shape[0], num_history)
+    if rot.shape != (xyz.shape[0], 3, 3):
+        raise ClipError(
+            f"ego_history_rot: expected shape {(xyz.shape[0], 3, 3)} (one rotation per position), "
+            f"got {rot.shape}{_squeeze_hint(rot, 3)}"
+        )
+    check_poses(xyz, rot)
+    _check_motion(xyz)
+
+    if clip.timestamps is not None:
+        _check_timestamps(_array_field("timestamps", clip.timestamps), len(cameras[0]))
+
+
+def _check_camera_names(names, num_cameras: int, *, canonical_order: bool) -> None:
+    if not isinstance(names, tuple) or not all(isinstance(n, str) for n in names):
+        raise ClipError(f"camera_names: expected a tuple of str, got {names!r}")
+    if len(names) != num_cameras:
+        raise ClipError(f"camera_names: expected {num_cameras} names (one per camera), got {len(names)}")
+    unknown = [n for n in names if n not in CAMERA_NAMES]
+    if unknown:
+        raise ClipError(f"camera_names: unknown camera name(s) {unknown}; known names: {', '.join(CAMERA_NAMES)}")
+    repeated = [n for n, count in Counter(names).items() if count > 1]
+    if repeated:
+        raise ClipError(
+            f"camera_names: duplicate name(s) {repeated}; each camera appears once (known names: "
+            f"{', '.join(CAMERA_NAMES)})"
+        )
+    canonical = tuple(sorted(names, key=CAMERA_NAMES.index))
+    if canonical_order and names != canonical:
+        raise ClipError(
+            f"camera_names: {list(names)} are not in the canonical order {list(canonical)} "
+            "(use Clip.create to reorder the cameras)"
+        )
+
+
+def _check_motion(xyz: np.ndarray) -> None:
+    """The history ends at the origin and moves no faster than `MAX_SPEED` ((T, 3) metres)."""
+    xyz = xyz.astype(np.float64)
+    offset = float(np.linalg.norm(xyz[-1]))
+    if offset > ORIGIN_TOLERANCE:
+        raise ClipError(
+            f"ego_history_xyz: the last pose (t0) must be the origin of the t0 ego frame within "
+            f"{ORIGIN_TOLERANCE} m, got {xyz[-1].round(4).tolist()} ({offset:.4g} m away); make the history "
+            "relative to t0: p_local = R_t0^-1 (p - p_t0)"
+        )
+    step = np.linalg.norm(np.diff(xyz, axis=0), axis=1)
+    speed = step / HISTORY_DT
+    fast = speed > MAX_SPEED
+    if fast.any():
+        first = int(np.argmax(fast))
+        raise ClipError(
+            f"ego_history_xyz: {int(fast.sum())} of {len(step)} steps faster than MAX_SPEED = {MAX_SPEED:g} m/s "
+            f"({MAX_SPEED * 3.6:g} km/h), first poses {first} -> {first + 1}: {step[first]:.4g} m in "
+            f"{HISTORY_DT} s = {speed[first]:.4g} m/s (positions are metres, poses {HISTORY_DT} s apart)"
+        )
+
+
 def _check_timestamps(timestamps: np.ndarray, num_frames: int) -> None:
     if timestamps.shape != (num_frames,):
         raise ClipError(f"timestamps: expected shape ({num_frames},) (one per frame), got {timestamps.shape}")
@@ -318,258 +283,154 @@ def _check_timestamps(timestamps: np.ndarray, num_frames: int) -> None:
         raise ClipError(
             f"timestamps: expected strictly increasing times (oldest first), got {timestamps.tolist()}"
         )
-
-
-# ---------------------------------------------------------------------------------------------
-# Files
-# ---------------------------------------------------------------------------------------------
-
-
-def write_atomically(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:
-    """Writes `path` through a temporary file in the same directory, renamed over `path` once
-    complete, so that readers never see a partial file and a failed write leaves `path` as it was."""
-    path = Path(path)
-    # A unique name opened exclusively ("x"), so that the file gets the umask's permissions
-    # rather than tempfile's private 0600.
-    temporary = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    try:
-        with open(temporary, "xb") as file:
-            write(file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-
-
-def save_clip(path: str | os.PathLike, clip: Clip) -> None:
-    """Writes `clip` to an uncompressed `.npz` file (format in the module docstring), atomically.
-
-    The clip is checked first (any counts), so that an invalid clip is never written."""
-    validate_clip(clip, num_cameras=None, num_frames=None, num_history=None)
-    if isinstance(clip.camera_frames, np.ndarray):
-        arrays = {"camera_frames": clip.camera_frames}
-    else:
-        arrays = {f"camera_frames_{c}": camera for c, camera in enumerate(clip.camera_frames)}
-    arrays["ego_history_xyz"] = clip.ego_history_xyz
-    arrays["ego_history_rot"] = clip.ego_history_rot
-    if clip.timestamps is not None:
-        arrays["timestamps"] = clip.timestamps
-    if clip.camera_names is not None:
-        arrays["camera_names"] = np.asarray(clip.camera_names, dtype=str)
-    write_atomically(path, lambda file: np.savez(file, **arrays))
-
-
-def load_clip(
-    path: str | os.PathLike,
-    *,
-    num_cameras: int | None = 4,
-    num_frames: int | None = 4,
-    num_history: int | None = 16,
-) -> Clip:
-    """Reads and checks a clip `.npz` file (format in the module docstring).
-
-    Raises FileNotFoundError for a missing file and `ClipError`, naming the file and the field, for
-    anything else: not an npz, missing or unknown keys, and every `validate_clip` problem."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"clip file not found: {path}")
-    if not zipfile.is_zipfile(path):
-        raise ClipError(f"{path}: not an .npz archive (a zip of .npy arrays, as written by save_clip)")
-    with np.load(path, allow_pickle=False) as archive:
-        keys = set(archive.files)
-        per_camera = sorted(int(m.group(1)) for k in keys if (m := _PER_CAMERA_KEY.fullmatch(k)))
-        unknown = keys - {*_REQUIRED_KEYS, *_OPTIONAL_KEYS, "camera_frames"} - {
-            f"camera_frames_{c}" for c in per_camera
-        }
-        if unknown:
-            raise ClipError(
-                f"{path}: unknown key(s) {sorted(unknown)}; a clip has camera_frames (or camera_frames_<c>), "
-                f"{', '.join(_REQUIRED_KEYS + _OPTIONAL_KEYS)}"
-            )
-        if "camera_frames" in keys and per_camera:
-            raise ClipError(f"{path}: both camera_frames and camera_frames_<c> keys; store one or the other")
-        if per_camera and per_camera != list(range(len(per_camera))):
-            missing = sorted(set(range(max(per_camera) + 1)) - set(per_camera))
-            raise ClipError(f"{path}: missing key(s) {[f'camera_frames_{c}' for c in missing]}")
-        missing = [k for k in _REQUIRED_KEYS if k not in keys]
-        if "camera_frames" not in keys and not per_camera:
-            missing.insert(0, "camera_frames")
-        if missing:
-            raise ClipError(f"{path}: missing key(s) {missing}")
-
-        def read(key: str) -> np.ndarray:
-            try:
-                return archive[key]
-            except (ValueError, OSError, EOFError, zipfile.BadZipFile) as error:
-                raise ClipError(f"{path}: {key}: cannot read the array ({error})") from None
-
-        if per_camera:
-            frames = [read(f"camera_frames_{c}") for c in per_camera]
-        else:
-            frames = read("camera_frames")
-        names = None
-        if "camera_names" in keys:
-            names = read("camera_names")
-            if names.dtype.kind != "U" or names.ndim != 1:
-                raise ClipError(
-                    f"{path}: camera_names: expected a 1-D str array, "
-                    f"got dtype {names.dtype} shape {names.shape}"
-                )
-            names = names.tolist()
-        try:
-            return Clip.create(
-                frames,
-                read("ego_history_xyz"),
-                read("ego_history_rot"),
-                timestamps=read("timestamps") if "timestamps" in keys else None,
-                camera_names=names,
-                num_cameras=num_cameras,
-                num_frames=num_frames,
-                num_history=num_history,
-            )
-        except ClipError as error:
-            raise ClipError(f"{path}: {error}") from None
-
-
-# ---------------------------------------------------------------------------------------------
-# Synthetic clips
-# ---------------------------------------------------------------------------------------------
-
-
-def arc_history(
-    speed: float, curvature: float, *, num_history: int = 16, dt: float = HISTORY_DT
-) -> tuple[np.ndarray, np.ndarray]:
-    """Ego history of constant `speed` (m/s) on a circle of signed `curvature` (1/m, > 0 turns
-    left) ending at t0: (T, 3) float32 positions and (T, 3, 3) yaw-only rotations in the t0 frame."""
-    arc_length = speed * dt * np.arange(1 - num_history, 1, dtype=np.float64)  # <= 0: the past
-    yaw = curvature * arc_length
-    # sin(yaw)/k and (1 - cos(yaw))/k written with sinc, which stays exact as k -> 0 (a straight line).
-    x = arc_length * np.sinc(yaw / np.pi)
-    y = arc_length * (yaw / 2) * np.sinc(yaw / (2 * np.pi)) ** 2
-    xyz = np.stack([x, y, np.zeros_like(x)], axis=-1)
-    cos, sin = np.cos(yaw), np.sin(yaw)
-    rot = np.zeros((num_history, 3, 3))
-    rot[:, 0, 0], rot[:, 0, 1], rot[:, 1, 0], rot[:, 1, 1], rot[:, 2, 2] = cos, -sin, sin, cos, 1.0
-    return xyz.astype(np.float32), rot.astype(np.float32)
-
-
-def synthetic_clip(
-    seed: int = 0, *, image_size: tuple[int, int] = (32, 48), speed: float = 8.0, curvature: float = 0.01
-) -> Clip:
-    """A deterministic 4-camera, 4-frame clip for demos and tests: smooth colour gradients with a
-    little noise, drifting from frame to frame, and `arc_history(speed, curvature)`."""
-    rng = np.random.default_rng(seed)
-    height, width = image_size
-    rows = np.linspace(0.0, 1.0, height)[:, None]
-    cols = np.linspace(0.0, 1.0, width)[None, :]
-    frames = np.empty((len(CAMERA_NAMES), len(FRAME_TIMESTAMPS), 3, height, width), np.uint8)
-    for c in range(frames.shape[0]):
-        base = rng.uniform(40, 200, size=(3, 1, 1))
-        slope = rng.uniform(-60, 60, size=(3, 2, 1, 1))
-        for f in range(frames.shape[1]):
-            shift = 0.1 * f  # the scene slides a little between frames, as it would when driving
-            noise = rng.normal(0.0, 4.0, (3, height, width))
-            image = base + slope[:, 0] * (rows + shift) + slope[:, 1] * cols + noise
-            frames[c, f] = np.clip(np.round(image), 0, 255)
-    xyz, rot = arc_history(speed, curvature)
-    return Clip.create(frames, xyz, rot, timestamps=FRAME_TIMESTAMPS, camera_names=CAMERA_NAMES)
-
-
-# ---------------------------------------------------------------------------------------------
-# Precomputed model inputs
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class ModelInputs:
-    """Processed inputs of one sample, as the reference processor makes them (read-only arrays)."""
-
-    input_ids: np.ndarray = dataclasses.field(repr=False)  # (1, L) int64, history placeholders unfused
-    pixel_values: np.ndarray = dataclasses.field(repr=False)  # (S, D) float32
-    image_grid_thw: np.ndarray  # (N, 3) int64
-    ego_history_xyz: np.ndarray  # (T, 3) float32
-    ego_history_rot: np.ndarray  # (T, 3, 3) float32
-
-
-_MODEL_INPUT_KEYS = ("input_ids", "pixel_values", "image_grid_thw", "ego_history_xyz", "ego_history_rot")
-
-
-def _model_inputs(tensors: dict[str, np.ndarray], num_history: int | None) -> ModelInputs:
-    """Checks the file's tensors (histories with their leading 1) and builds `ModelInputs`."""
-    missing = [k for k in _MODEL_INPUT_KEYS if k not in tensors]
-    if missing:
-        raise ClipError(f"missing key(s) {missing}; model inputs need {', '.join(_MODEL_INPUT_KEYS)}")
-    ids, pixels, grid = tensors["input_ids"], tensors["pixel_values"], tensors["image_grid_thw"]
-    xyz, rot = tensors["ego_history_xyz"], tensors["ego_history_rot"]
-    for name, array, kind in (("input_ids", ids, "iu"), ("image_grid_thw", grid, "iu")):
-        if array.dtype.kind not in kind:
-            raise ClipError(f"{name}: expected integers, got dtype {array.dtype}")
-    for name, array in (("pixel_values", pixels), ("ego_history_xyz", xyz), ("ego_history_rot", rot)):
-        # No silent casts: parity runs must see exactly the recorded float32 values.
-        if array.dtype != np.float32:
-            raise ClipError(f"{name}: expected float32, got dtype {array.dtype}")
-    if ids.ndim != 2 or ids.shape[0] != 1 or ids.shape[1] == 0:
-        raise ClipError(f"input_ids: expected shape (1, L) with L >= 1, got {ids.shape}")
-    if pixels.ndim != 2 or 0 in pixels.shape:
-        raise ClipError(f"pixel_values: expected a non-empty 2-D (S, D) array, got shape {pixels.shape}")
-    if grid.ndim != 2 or grid.shape[1] != 3 or grid.shape[0] == 0:
-        raise ClipError(f"image_grid_thw: expected shape (N, 3) with N >= 1, got {grid.shape}")
-    if (grid < 1).any():
-        raise ClipError(f"image_grid_thw: expected positive (t, h, w), got {grid.tolist()}")
-    if xyz.ndim != 3 or xyz.shape[0] != 1 or xyz.shape[2] != 3:
-        raise ClipError(f"ego_history_xyz: expected shape (1, T, 3), got {xyz.shape}")
-    if num_history is not None and xyz.shape[1] != num_history:
-        raise ClipError(f"ego_history_xyz: expected {num_history} poses, got {xyz.shape[1]}")
-    if rot.shape != (1, xyz.shape[1], 3, 3):
-        raise ClipError(f"ego_history_rot: expected shape {(1, xyz.shape[1], 3, 3)}, got {rot.shape}")
-    if not np.isfinite(pixels).all():
-        rows = _indices(~np.isfinite(pixels).all(axis=1))
-        raise ClipError(f"pixel_values: NaN or infinite values in {len(rows)} row(s), first {rows[:5]}")
-    _check_poses("ego_history", xyz[0], rot[0])
-    patches = int(np.prod(grid.astype(np.int64), axis=1).sum())
-    if patches != pixels.shape[0]:
+    expected = FRAME_DT * (np.arange(num_frames) - (num_frames - 1))  # -(F-1) * FRAME_DT ... 0
+    off = np.abs(timestamps - expected) > TIMESTAMP_TOLERANCE
+    if off.any():
+        f = int(np.argmax(off))
         raise ClipError(
-            f"pixel_values: {pixels.shape[0]} rows, but image_grid_thw describes "
-            f"sum(t * h * w) = {patches} patches"
+            f"timestamps: frame {f} is at {timestamps[f]:.4g} s, expected {expected[f]:.2g} s within "
+            f"{TIMESTAMP_TOLERANCE} s (frames are {FRAME_DT} s apart, oldest first, the newest at t0; "
+            f"times in seconds relative to t0), got {timestamps.tolist()}"
         )
-    return ModelInputs(
-        input_ids=_read_only(ids.astype(np.int64, copy=False)),
-        pixel_values=_read_only(pixels),
-        image_grid_thw=_read_only(grid.astype(np.int64, copy=False)),
-        ego_history_xyz=_read_only(xyz[0]),
-        ego_history_rot=_read_only(rot[0]),
-    )
 
 
-def load_model_inputs(path: str | os.PathLike, *, num_history: int | None = 16) -> ModelInputs:
-    """Reads and checks a `.safetensors` file of precomputed model inputs (see the module
-    docstring); the histories lose their leading axis of 1. Raises FileNotFoundError for a missing
-    file and `ClipError`, naming the file and the key, otherwise."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"model inputs file not found: {path}")
+def _check_count(name: str, what: str, got: int, expected: int | None) -> None:
+    if got == 0 or (expected is not None and got != expected):
+        wanted = "at least 1" if expected is None else expected
+        raise ClipError(f"{name}: expected {wanted} {what}, got {got}")
+
+
+def _array_field(name: str, value) -> np.ndarray:
+    if not isinstance(value, np.ndarray):
+        raise ClipError(
+            f"{name}: expected a numpy array, got {type(value).__name__} (use Clip.create to convert)"
+        )
+    if value.dtype.kind != "f":
+        raise ClipError(f"{name}: expected floating-point values, got dtype {value.dtype}")
+    return value
+
+
+def _uint8_hint(dtype: np.dtype) -> str:
+    """How to get uint8 pixels from an array of `dtype`."""
+    if dtype.kind == "f":
+        return "convert float images in [0, 1] with np.round(x * 255).astype(np.uint8)"
+    if dtype.kind in "iu":
+        return (
+            "pixel values must be 0..255: only if these are 8-bit values, convert them with "
+            "np.clip(x, 0, 255).astype(np.uint8); rescale other ranges first"
+        )
+    if dtype.kind == "b":
+        return "a boolean array is a mask, not an image"
+    return "camera frames are RGB images of uint8 values 0..255"
+
+
+def _describe(value) -> str:
+    return f"shape {value.shape}" if isinstance(value, np.ndarray) else type(value).__name__
+
+
+def _squeeze_hint(array: np.ndarray, ndim: int) -> str:
+    if array.ndim > ndim and all(n == 1 for n in array.shape[: array.ndim - ndim]):
+        return f" (drop the leading batch axes: x[{', '.join(['0'] * (array.ndim - ndim))}])"
+    return ""
+
+
+def _indices(mask: np.ndarray) -> list[int]:
+    return np.flatnonzero(mask).tolist()
+
+
+# ---------------------------------------------------------------------------------------------
+# Conversion
+# ---------------------------------------------------------------------------------------------
+
+
+def _frames_channels_first(frames) -> np.ndarray | tuple[np.ndarray, ...]:
+    """Camera frames -> read-only (C, F, 3, H, W) array, or a tuple of (F, 3, H_c, W_c) arrays
+    when camera sizes differ. Counts are left to `validate_clip`."""
+    if isinstance(frames, np.ndarray):
+        # One layout decision for the whole array: a transpose view, no per-frame copies.
+        if frames.ndim != 5:
+            raise ClipError(
+                "camera_frames: expected a 5-D (C, F, 3, H, W) or (C, F, H, W, 3) array, "
+                f"got shape {frames.shape}"
+            )
+        if frames.dtype != np.uint8:
+            raise ClipError(
+                f"camera_frames: expected uint8 pixels, got dtype {frames.dtype} ({_uint8_hint(frames.dtype)})"
+            )
+        if frames.shape[2] != 3:
+            if frames.shape[4] != 3:
+                raise ClipError(
+                    f"camera_frames: expected 3 (RGB) channels on axis 2 or 4, got shape {frames.shape}"
+                )
+            frames = frames.transpose(0, 1, 4, 2, 3)
+        return read_only(frames)
+    if isinstance(frames, (str, bytes)) or not isinstance(frames, Sequence):
+        raise ClipError(
+            f"camera_frames: expected an array or a sequence of cameras, got {type(frames).__name__}"
+        )
+    cameras = []
+    for c, camera in enumerate(frames):
+        if isinstance(camera, np.ndarray) and camera.ndim != 4:
+            raise ClipError(
+                f"camera_frames[{c}]: expected a 4-D (F, 3, H, W) or (F, H, W, 3) array, "
+                f"got shape {camera.shape}"
+            )
+        images = [_image(frame, f"camera_frames[{c}][{i}]") for i, frame in enumerate(camera)]
+        if not images:
+            raise ClipError(f"camera_frames[{c}]: camera has no frames")
+        sizes = sorted({image.shape[1:] for image in images})
+        if len(sizes) > 1:
+            raise ClipError(
+                f"camera_frames[{c}]: frames have different sizes {sizes}; one camera has one size"
+            )
+        cameras.append(np.stack(images))
+    if cameras and len({camera.shape for camera in cameras}) == 1:
+        return read_only(np.stack(cameras))
+    return tuple(read_only(camera) for camera in cameras)
+
+
+def _image(frame, name: str) -> np.ndarray:
+    """One frame -> (3, H, W) uint8 (`to_channels_first`, after a dtype check with a hint)."""
     try:
-        tensors = load_file(path)
-    except (safetensors.SafetensorError, TypeError, ValueError) as error:
-        raise ClipError(f"{path}: not a readable .safetensors file ({error})") from None
+        array = np.asarray(frame)
+    except ValueError as error:  # ragged nested sequences
+        raise ClipError(f"{name}: not an image array ({error})") from None
+    if array.dtype != np.uint8:
+        raise ClipError(f"{name}: expected uint8 pixels, got dtype {array.dtype} ({_uint8_hint(array.dtype)})")
     try:
-        return _model_inputs(tensors, num_history)
-    except ClipError as error:
-        raise ClipError(f"{path}: {error}") from None
+        return to_channels_first(array, name=name)
+    except ValueError as error:  # its messages start with `name`
+        raise ClipError(str(error)) from None
 
 
-def save_model_inputs(path: str | os.PathLike, inputs: ModelInputs) -> None:
-    """Writes `inputs` to a `.safetensors` file readable by `load_model_inputs`, atomically; the
-    inputs are checked first."""
-    tensors = {
-        "input_ids": np.asarray(inputs.input_ids),
-        "pixel_values": np.asarray(inputs.pixel_values),
-        "image_grid_thw": np.asarray(inputs.image_grid_thw),
-        "ego_history_xyz": np.asarray(inputs.ego_history_xyz)[None],
-        "ego_history_rot": np.asarray(inputs.ego_history_rot)[None],
-    }
-    _model_inputs(tensors, num_history=None)
-    data = save({k: np.ascontiguousarray(v) for k, v in tensors.items()})
-    write_atomically(path, lambda file: file.write(data))
+def _real_array(name: str, value, dtype) -> np.ndarray:
+    array = np.asarray(value)
+    if array.dtype.kind not in "iuf":
+        raise ClipError(f"{name}: expected real numbers, got dtype {array.dtype}")
+    # A copy: later changes to the caller's array must not bypass the checks (histories are small).
+    return read_only(array.astype(dtype))
+
+
+def _names(names) -> tuple[str, ...]:
+    if isinstance(names, str):
+        raise ClipError(f"camera_names: expected a sequence of names, got the single string {names!r}")
+    names = tuple(names)
+    if not all(isinstance(n, str) for n in names):
+        raise ClipError(f"camera_names: expected strings, got {names!r}")
+    return names
+
+
+def _in_canonical_order(clip: Clip) -> Clip:
+    """`clip` (valid, named cameras in any order) with its cameras in the canonical order."""
+    names = clip.camera_names
+    if names is None:
+        return clip
+    order = sorted(range(len(names)), key=lambda c: CAMERA_NAMES.index(names[c]))
+    if order == list(range(len(names))):
+        return clip
+    frames = clip.camera_frames
+    if isinstance(frames, np.ndarray):
+        frames = read_only(frames[order])  # a copy in the new order
+    else:
+        frames = tuple(frames[c] for c in order)
+    return dataclasses.replace(clip, camera_frames=frames, camera_names=tuple(names[c] for c in order))

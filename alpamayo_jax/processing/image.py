@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import einops
 import numpy as np
 
 from alpamayo_jax.config import VisionConfig
@@ -28,6 +29,15 @@ IMAGE_MEAN = (0.5, 0.5, 0.5)
 IMAGE_STD = (0.5, 0.5, 0.5)
 RESCALE_FACTOR = 1.0 / 255.0
 MAX_ASPECT_RATIO = 200
+
+
+def check_aspect_ratio(height: int, width: int) -> None:
+    """Raises ValueError when a `height` x `width` image (both positive) is more than
+    `MAX_ASPECT_RATIO` times longer than wide or wider than long, the reference processor's limit.
+    `smart_resize` applies it; clip checks call it to reject such images before the model loads."""
+    ratio = max(height, width) / min(height, width)
+    if ratio > MAX_ASPECT_RATIO:
+        raise ValueError(f"aspect ratio of a {height}x{width} image exceeds {MAX_ASPECT_RATIO} ({ratio:.1f})")
 
 
 def smart_resize(
@@ -44,11 +54,7 @@ def smart_resize(
         raise ValueError(f"factor must be positive, got {factor}")
     if min_pixels > max_pixels:
         raise ValueError(f"min_pixels ({min_pixels}) must not exceed max_pixels ({max_pixels})")
-    if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
-        raise ValueError(
-            f"aspect ratio of a {height}x{width} image exceeds {MAX_ASPECT_RATIO} "
-            f"({max(height, width) / min(height, width):.1f})"
-        )
+    check_aspect_ratio(height, width)
     h_bar = round(height / factor) * factor
     w_bar = round(width / factor) * factor
     if h_bar * w_bar > max_pixels:
@@ -234,12 +240,9 @@ def patchify(pixels: np.ndarray, vision: VisionConfig) -> np.ndarray:
     p, m, t = vision.patch_size, vision.spatial_merge_size, vision.temporal_patch_size
     if h % (p * m) or w % (p * m):
         raise ValueError(f"image size {h}x{w} is not a multiple of patch_size * merge_size = {p * m}")
-    gh, gw = h // p, w // p
     clip = np.broadcast_to(pixels[None], (t, c, h, w))
-    blocks = clip.reshape(t, c, gh // m, m, p, gw // m, m, p)
-    # -> (block_row, block_col, row_in_block, col_in_block, C, T, py, px)
-    blocks = blocks.transpose(2, 5, 3, 6, 1, 0, 4, 7)
-    return blocks.reshape(gh * gw, c * t * p * p)
+    # block rows/columns (br, bc), patch rows/columns inside a block (mr, mc), pixels in a patch (py, px)
+    return einops.rearrange(clip, "t c (br mr py) (bc mc px) -> (br bc mr mc) (c t py px)", mr=m, mc=m, py=p, px=p)
 
 
 def preprocess_images(
