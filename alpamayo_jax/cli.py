@@ -7,32 +7,62 @@ import sys
 from pathlib import Path
 
 
-def _run_pipeline(pipeline, args, *, clip=None, inputs=None) -> dict:
-    """Runs the pipeline on a clip or precomputed inputs; returns the JSON-ready result."""
-    import jax
+MAX_SEED = 2**32 - 1  # JAX keeps 32 bits of an integer seed: larger seeds would collide silently
+
+
+def _output_file(path: Path | None, flag: str) -> Path | None:
+    """A file the command will write: not a directory, in a directory that exists. Checked before
+    any work, so that minutes of inference are never lost to a bad path."""
+    if path is None:
+        return None
+    if path.is_dir():
+        raise ValueError(f"{flag} {path} is a directory; name a file")
+    if not path.parent.is_dir():
+        raise ValueError(f"{flag} {path}: directory {path.parent} does not exist")
+    return path
+
+
+def _seed(value: str) -> int:
+    try:
+        seed = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {value!r}") from None
+    if not 0 <= seed <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be in 0 .. {MAX_SEED} (2**32 - 1), got {seed}")
+    return seed
+
+
+def _settings(args: argparse.Namespace, config):
+    """The run's `InferenceConfig`: the flags given, the checkpoint's values for the rest."""
+    from alpamayo_jax.inference.inference_config import InferenceConfig
+
+    return InferenceConfig.from_model(config, num_samples=args.num_samples, greedy=args.greedy,
+                                      temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                                      max_new_tokens=args.max_new_tokens, num_flow_steps=args.num_flow_steps)
+
+
+def _load_noise(path: Path | None, rows: int, waypoints: int):
+    """Initial flow noise from a `.npy` file (`np.save`), checked against the run's shape."""
+    if path is None:
+        return None
+    import zipfile
+
     import numpy as np
 
-    from alpamayo_jax.inference.batch import result_record
-    from alpamayo_jax.inference.pipeline import fuse_precomputed, sample_from_inputs, sample_trajectories
+    from alpamayo_jax.inference.pipeline import check_noise
 
-    options = dict(num_samples=args.num_samples, temperature=args.temperature, top_p=args.top_p,
-                   greedy=args.greedy, max_new_tokens=args.max_new_tokens, num_flow_steps=args.num_flow_steps,
-                   noise=None if args.noise is None else np.load(args.noise))
-    key = jax.random.key(args.seed)
-    if inputs is not None:
-        fused = fuse_precomputed(pipeline, inputs.input_ids, inputs.ego_history_xyz, inputs.ego_history_rot)
-        samples = sample_from_inputs(pipeline, fused, inputs.pixel_values, inputs.image_grid_thw,
-                                     inputs.ego_history_xyz[None], inputs.ego_history_rot[None], key, **options)
-        history = inputs.ego_history_xyz
-    else:
-        samples = sample_trajectories(pipeline, clip, key, **options)
-        history = clip.ego_history_xyz
-    result = result_record(samples, 0)
-    if args.plot:
-        from alpamayo_jax.plot import plot_trajectories
-
-        plot_trajectories(args.plot, history, samples.xyz[0], title="alpamayo-jax")
-    return result
+    if not path.is_file():
+        raise FileNotFoundError(f"--noise file not found: {path}")
+    if zipfile.is_zipfile(path):
+        raise ValueError(f"--noise {path} is an .npz archive; save the noise array alone with np.save (.npy)")
+    try:
+        noise = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as error:
+        raise ValueError(f"--noise {path} is not a readable .npy array ({error})") from None
+    try:
+        return check_noise(noise, rows, waypoints)
+    except ValueError as error:
+        raise ValueError(f"--noise {path}: {error}") from None
 
 
 def _summary(result: dict) -> str:
@@ -40,7 +70,7 @@ def _summary(result: dict) -> str:
     for index, (xyz, cot) in enumerate(zip(result["xyz"], result["cot"], strict=True)):
         end = xyz[-1]
         lines.append(f"sample {index}: CoC {cot!r}; after 6.4 s at x={end[0]:.2f} m, y={end[1]:.2f} m; "
-                     f"{len(result['generated_token_ids'][index])} tokens generated")
+                     f"{result['num_generated_tokens'][index]} tokens generated")
     lines.append("timings (s): " + ", ".join(f"{k} {v:.2f}" for k, v in result["timings"].items()))
     return "\n".join(lines)
 
@@ -48,29 +78,68 @@ def _summary(result: dict) -> str:
 def _load_pipeline(args: argparse.Namespace):
     """The pipeline of --model/--processor-dir/--dtype, on --mesh after --distributed start-up."""
     from alpamayo_jax.inference.pipeline import Pipeline
-    from alpamayo_jax.sharding import make_mesh, start_distributed
+    from alpamayo_jax.sharding import make_mesh, mesh_shape, start_distributed
 
     manual = (args.coordinator, args.num_processes, args.process_id)
     if any(v is not None for v in manual) and any(v is None for v in manual):
         raise ValueError("--coordinator, --num-processes and --process-id go together")
+    if args.mesh is not None:
+        mesh_shape(args.mesh)  # a bad name fails before the distributed start-up
     if args.distributed or args.coordinator is not None:
         start_distributed(*manual)
     mesh = None if args.mesh is None else make_mesh(args.mesh)
     return Pipeline.load(args.model, dtype=args.dtype, processor_dir=args.processor_dir, mesh=mesh)
 
 
+def _checked_model(args: argparse.Namespace):
+    """The model config and run settings, checked before anything heavy is loaded."""
+    from alpamayo_jax.io.load import load_config
+
+    config = load_config(args.model, processor_dir=args.processor_dir)
+    return config, _settings(args, config)
+
+
+def _run(pipeline, settings, args, *, noise, clip=None, inputs=None, model_name: str) -> dict:
+    """Runs the pipeline on a clip or recorded inputs; writes --out (and --plot); returns the
+    JSON-ready result."""
+    import jax
+
+    from alpamayo_jax.inference.batch import result_record, write_result
+    from alpamayo_jax.inference.pipeline import sample_from_inputs, sample_trajectories
+    from alpamayo_jax.processing.model_inputs import inputs_from_recorded
+
+    key = jax.random.key(args.seed)
+    if inputs is not None:
+        samples = sample_from_inputs(pipeline, inputs_from_recorded(inputs, pipeline.config), key, settings,
+                                     noise=noise)
+        history = inputs.ego_history_xyz
+    else:
+        samples = sample_trajectories(pipeline, clip, key, settings, noise=noise)
+        history = clip.ego_history_xyz
+    result = result_record(samples, 0, settings=settings, model=model_name, seed=args.seed)
+    write_result(args.out, result)  # before the picture: a failed plot must not lose the result
+    if args.plot:
+        from alpamayo_jax.plot import plot_trajectories
+
+        plot_trajectories(args.plot, history, samples.xyz[0], title="alpamayo-jax")
+    return result
+
+
 def _infer(args: argparse.Namespace) -> int:
-    """Model + clip (or precomputed inputs) -> trajectories, actions, tokens and CoC text as JSON."""
-    from alpamayo_jax.inference.batch import write_result
-    from alpamayo_jax.processing.clip import load_clip, load_model_inputs
+    """Model + clip (or recorded inputs) -> trajectories, actions, tokens and CoC text as JSON."""
+    from alpamayo_jax.processing.clip_file import load_clip
+    from alpamayo_jax.processing.recorded_inputs import load_recorded_inputs
 
     if (args.clip is None) == (args.inputs is None):
         raise ValueError("pass exactly one of --clip and --inputs")
+    _output_file(args.out, "--out")
+    _output_file(args.plot, "--plot")
+    config, settings = _checked_model(args)
     clip = None if args.clip is None else load_clip(args.clip)
-    inputs = None if args.inputs is None else load_model_inputs(args.inputs)
+    inputs = None if args.inputs is None else load_recorded_inputs(args.inputs)
+    noise = _load_noise(args.noise, settings.num_samples, config.n_waypoints)
     pipeline = _load_pipeline(args)
-    result = _run_pipeline(pipeline, args, clip=clip, inputs=inputs)
-    write_result(args.out, result)
+    result = _run(pipeline, settings, args, noise=noise, clip=clip, inputs=inputs, model_name=str(args.model))
     print(_summary(result))
     print(f"wrote {args.out}" + (f" and {args.plot}" if args.plot else ""))
     return 0
@@ -83,22 +152,25 @@ def _batch(args: argparse.Namespace) -> int:
 
     from alpamayo_jax.inference.batch import clip_paths, run_clips
 
+    if args.batch_size is not None and args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.out_dir.exists() and not args.out_dir.is_dir():
+        raise ValueError(f"--out-dir {args.out_dir} exists and is not a directory")
     paths = clip_paths(args.clips)
+    _, settings = _checked_model(args)
     pipeline = _load_pipeline(args)
     with tqdm(total=len(paths), unit="clip", disable=args.quiet or jax.process_index() != 0) as bar:
         def progress(path, status):
             bar.update(1)
             bar.set_postfix_str(f"{path.stem}: {status}", refresh=False)
 
-        summary = run_clips(pipeline, paths, args.out_dir, jax.random.key(args.seed), batch_size=args.batch_size,
-                            overwrite=args.overwrite, plots=args.plots, on_clip=progress,
-                            num_samples=args.num_samples, temperature=args.temperature, top_p=args.top_p,
-                            greedy=args.greedy, max_new_tokens=args.max_new_tokens,
-                            num_flow_steps=args.num_flow_steps)
+        summary = run_clips(pipeline, paths, args.out_dir, jax.random.key(args.seed), settings,
+                            batch_size=args.batch_size, overwrite=args.overwrite, plots=args.plots,
+                            on_clip=progress, provenance={"model": str(args.model), "seed": args.seed})
     print(f"{len(summary.written)} clips written, {len(summary.skipped)} skipped (results exist), "
           f"{len(summary.failed)} failed -> {args.out_dir}")
-    for path, why in summary.failed.items():
-        print(f"  failed {path}: {why}", file=sys.stderr)
+    for why in summary.failed.values():
+        print(f"  failed: {why}", file=sys.stderr)
     return 1 if summary.failed else 0
 
 
@@ -108,16 +180,26 @@ def _demo(args: argparse.Namespace) -> int:
     from importlib import resources
 
     from alpamayo_jax.inference.pipeline import Pipeline
-    from alpamayo_jax.processing.clip import synthetic_clip
+    from alpamayo_jax.processing.synthetic import synthetic_clip
 
+    _output_file(args.plot, "--plot")
+    _output_file(args.out, "--out")
     tiny = resources.files("alpamayo_jax.tiny_model")
-    pipeline = Pipeline.load(tiny / "hf", processor_dir=tiny / "vlm")
+    args.model, args.processor_dir = tiny / "hf", tiny / "vlm"
+    if args.max_new_tokens is None:
+        args.max_new_tokens = DEMO_MAX_NEW_TOKENS
+    config, settings = _checked_model(args)
+    noise = _load_noise(args.noise, settings.num_samples, config.n_waypoints)
+    pipeline = Pipeline.load(args.model, processor_dir=args.processor_dir)
     clip = synthetic_clip(args.seed, image_size=(32, 48))
-    result = _run_pipeline(pipeline, args, clip=clip)
+    result = _run(pipeline, settings, args, noise=noise, clip=clip, model_name="embedded tiny model")
     print("tiny Alpamayo-R1 (random weights, so the text is gibberish) on a synthetic clip")
     print(_summary(result))
-    print(f"wrote {args.plot}")
+    print(f"wrote {args.out} and {args.plot}")
     return 0
+
+
+DEMO_MAX_NEW_TOKENS = 32  # the random-weight model never stops by itself: keep the demo short
 
 
 def _convert(args: argparse.Namespace) -> int:
@@ -149,9 +231,11 @@ def _export(args: argparse.Namespace) -> int:
     from alpamayo_jax.io.bundle import CONFIG_FILE, load_bundle
     from alpamayo_jax.io.hf import save_hf_checkpoint
 
+    if args.out.exists() and not args.force:
+        raise FileExistsError(f"{args.out} already exists; pass --force to replace it")
     model, _ = load_bundle(args.model, dtype=args.dtype)
     config = json.loads((args.model / CONFIG_FILE).read_text())
-    out = save_hf_checkpoint(model, args.out, config)
+    out = save_hf_checkpoint(model, args.out, config, force=args.force)
     print(f"exported to {out}")
     return 0
 
@@ -184,21 +268,28 @@ def _existing_dir(value: str) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="alpamayo-jax", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    def sampling_options(command, *, max_new_tokens: int, noise: bool = True):
+    def sampling_options(command, *, noise: bool = True, max_new_tokens: str = "the checkpoint's "
+                         "tokens_per_future_traj"):
         if noise:
-            command.add_argument("--noise", type=Path, help="initial flow noise .npy (num_samples, 64, 2) float32")
+            command.add_argument("--noise", type=Path,
+                                 help="initial flow noise: a .npy array (num_samples, waypoints, 2), float")
         command.add_argument("--greedy", action="store_true", help="argmax decoding instead of sampling")
-        command.add_argument("--num-samples", type=int, default=1)
-        command.add_argument("--seed", type=int, default=0)
-        command.add_argument("--temperature", type=float, default=0.6)
-        command.add_argument("--top-p", type=float, default=0.98)
-        command.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
-        command.add_argument("--num-flow-steps", type=int, default=10)
+        command.add_argument("--num-samples", type=int, help="trajectories per clip (default: 1)")
+        command.add_argument("--seed", type=_seed, default=0, help="PRNG seed, 0 .. 2**32 - 1 (default: 0)")
+        command.add_argument("--temperature", type=float, help="sampling temperature (default: the reference's 0.6)")
+        command.add_argument("--top-p", type=float, help="nucleus sampling mass, 1 disables it "
+                                                        "(default: the reference's 0.98)")
+        command.add_argument("--top-k", type=int, help="keep the k most likely tokens, 0 disables it "
+                                                      "(default: the reference's none)")
+        command.add_argument("--max-new-tokens", type=int, help=f"reasoning token budget (default: {max_new_tokens})")
+        command.add_argument("--num-flow-steps", type=int,
+                             help="Euler steps of flow matching (default: the checkpoint's num_inference_steps)")
 
     demo = commands.add_parser("demo", help="run the embedded tiny model on a synthetic clip (no downloads)")
-    sampling_options(demo, max_new_tokens=32)
+    sampling_options(demo, max_new_tokens=str(DEMO_MAX_NEW_TOKENS))
     demo.add_argument("--plot", type=Path, default=Path("alpamayo_demo.png"), help="bird's-eye-view PNG")
-    demo.set_defaults(run=_demo)
+    demo.add_argument("--out", type=Path, default=Path("alpamayo_demo.json"), help="result JSON")
+    demo.set_defaults(run=_demo, mesh=None, dtype=None)
 
     def model_options(command):
         command.add_argument("--model", type=_existing_dir, required=True, help="bundle or Hugging Face directory")
@@ -215,11 +306,11 @@ def main(argv: list[str] | None = None) -> int:
 
     infer = commands.add_parser("infer", help="trajectories and Chain-of-Causation text for a clip")
     model_options(infer)
-    infer.add_argument("--clip", type=Path, help="clip .npz (see alpamayo_jax.processing.clip)")
-    infer.add_argument("--inputs", type=Path, help="precomputed model inputs .safetensors (instead of --clip)")
+    infer.add_argument("--clip", type=Path, help="clip .npz (format: alpamayo_jax.processing.clip_file)")
+    infer.add_argument("--inputs", type=Path, help="recorded model inputs .safetensors (alpamayo_jax.processing.recorded_inputs; instead of --clip)")
     infer.add_argument("--out", type=Path, required=True, help="result JSON")
     infer.add_argument("--plot", type=Path, help="bird's-eye-view PNG")
-    sampling_options(infer, max_new_tokens=256)
+    sampling_options(infer)
     infer.set_defaults(run=_infer)
 
     batch = commands.add_parser("batch", help="run many clips, one result JSON per clip")
@@ -231,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     batch.add_argument("--overwrite", action="store_true", help="recompute clips whose result file exists")
     batch.add_argument("--plots", action="store_true", help="also write <clip name>.png")
     batch.add_argument("--quiet", action="store_true", help="no progress bar")
-    sampling_options(batch, max_new_tokens=256, noise=False)
+    sampling_options(batch, noise=False)
     batch.set_defaults(run=_batch)
 
     dtypes = ["bfloat16", "float32"]
@@ -249,6 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("--model", type=_existing_dir, required=True, help="bundle directory")
     export.add_argument("--out", type=Path, required=True, help="directory to create")
     export.add_argument("--dtype", choices=dtypes, help="parameter dtype (default: as stored)")
+    export.add_argument("--force", action="store_true", help="replace an existing --out")
     export.set_defaults(run=_export)
 
     verify = commands.add_parser("verify", help="compare a bundle with the PyTorch reference, stage by stage")
@@ -263,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as error:
+    except (ValueError, OSError) as error:
         # Validation errors already say what is wrong and where; a traceback adds nothing.
         print(f"alpamayo-jax {args.command}: error: {error}", file=sys.stderr)
         return 1

@@ -28,7 +28,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from alpamayo_jax.io.assign import module_variables
+from alpamayo_jax.nn.variables import module_variables
 
 MESH_AXES = ("data", "model")
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import json
 import os
 import statistics
@@ -27,9 +26,10 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from alpamayo_jax.config import AlpamayoConfig, alpamayo_r1_10b  # noqa: E402
+from alpamayo_jax.inference.inference_config import InferenceConfig  # noqa: E402
 from alpamayo_jax.inference.pipeline import Pipeline, sample_trajectories  # noqa: E402
 from alpamayo_jax.models.alpamayo import AlpamayoR1  # noqa: E402
-from alpamayo_jax.processing.clip import synthetic_clip  # noqa: E402
+from alpamayo_jax.processing.synthetic import synthetic_clip  # noqa: E402
 from alpamayo_jax.sharding import make_mesh, param_shardings, shard_model  # noqa: E402
 
 FIXTURE = Path(__file__).parents[1] / "tests/fixtures/tiny_ar1_dev"
@@ -48,17 +48,19 @@ def medium_pipeline(tiny: Pipeline) -> Pipeline:
                                      out_hidden_size=512, deepstack_visual_indexes=[1, 2])
     config["expert_cfg"].update(hidden_size=256, intermediate_size=768, num_attention_heads=8)
     parsed = AlpamayoConfig.from_hf_config(config, backbone)
-    return dataclasses.replace(tiny, model=AlpamayoR1(parsed, rngs=nnx.Rngs(0)), config=parsed)
+    return Pipeline.from_model(AlpamayoR1(parsed, rngs=nnx.Rngs(0)), tiny.tokenizer, tiny.chat_template)
 
 
 def seconds_per_clip(pipeline: Pipeline, preset: str, clips, repeats: int, max_new_tokens: int) -> dict:
     mesh = make_mesh(preset)
     shard_model(pipeline.model, mesh)
-    placed = dataclasses.replace(pipeline, mesh=None if preset == "single" else mesh)
+    placed = Pipeline.from_model(pipeline.model, pipeline.tokenizer, pipeline.chat_template,
+                                 None if preset == "single" else mesh)
+    settings = InferenceConfig.from_model(pipeline.config, greedy=True, max_new_tokens=max_new_tokens)
 
     def run():
         start = time.perf_counter()
-        samples = sample_trajectories(placed, clips, jax.random.key(0), greedy=True, max_new_tokens=max_new_tokens)
+        samples = sample_trajectories(placed, clips, jax.random.key(0), settings)
         return time.perf_counter() - start, samples
 
     run()  # compile
@@ -74,7 +76,7 @@ def seconds_per_clip(pipeline: Pipeline, preset: str, clips, repeats: int, max_n
 def parameter_bytes_10b() -> dict[str, int]:
     """Largest per-device parameter bytes of the bf16 10B model under each preset (from shardings)."""
     model = nnx.eval_shape(lambda: AlpamayoR1(alpamayo_r1_10b(), param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
-    from alpamayo_jax.io.assign import module_variables
+    from alpamayo_jax.nn.variables import module_variables
 
     variables = module_variables(model)
     result = {}

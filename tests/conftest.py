@@ -69,3 +69,26 @@ def abstract_10b():
     from alpamayo_jax.models.alpamayo import AlpamayoR1
 
     return nnx.eval_shape(lambda: AlpamayoR1(alpamayo_r1_10b(), param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
+
+
+@pytest.fixture(scope="session")
+def tiny_split(tiny_model):
+    """`tiny_model` split once, as the jitted stages take it."""
+    from alpamayo_jax.nn.module_jit import SplitModule
+
+    return SplitModule.of(tiny_model)
+
+
+def recorded_inputs(golden, config=None):
+    """The fixture's sample as `ModelInputs`, from the reference processor's recorded outputs."""
+    from alpamayo_jax.config import tiny
+    from alpamayo_jax.processing.model_inputs import assemble_inputs
+
+    return assemble_inputs(golden["processor.input_ids"], golden["processor.pixel_values"],
+                           golden["processor.image_grid_thw"], golden["input.ego_history_xyz"][:, 0],
+                           golden["input.ego_history_rot"][:, 0], config=config or tiny())
+
+
+@pytest.fixture(scope="session")
+def fixture_inputs(golden):
+    return recorded_inputs(golden)

@@ -22,7 +22,7 @@ from alpamayo_jax.inference.flow_matching import (
     sample_timesteps,
     time_grid,
 )
-from alpamayo_jax.inference.kv_cache import KVCache
+from alpamayo_jax.models.kv_cache import KVCache
 from alpamayo_jax.models.expert import expert_attention_bias, expert_context, run_expert
 from tests.parity import assert_close, fixture_cache
 

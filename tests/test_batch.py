@@ -12,15 +12,24 @@ import numpy as np
 import pytest
 
 from alpamayo_jax.inference.batch import clip_paths, result_record, run_clips
+from alpamayo_jax.inference.inference_config import InferenceConfig
 from alpamayo_jax.inference.pipeline import Pipeline, sample_trajectories
-from alpamayo_jax.processing.clip import Clip, save_clip
-
-OPTIONS = dict(num_samples=2, temperature=1.0, max_new_tokens=6)
-
+from alpamayo_jax.processing.clip import Clip
+from alpamayo_jax.processing.clip_file import save_clip
 
 @pytest.fixture(scope="module")
 def pipeline(fixture_dir):
     return Pipeline.load(fixture_dir / "hf", processor_dir=fixture_dir / "vlm")
+
+
+@pytest.fixture(scope="module")
+def sampled(pipeline):
+    return InferenceConfig.from_model(pipeline.config, num_samples=2, temperature=1.0, max_new_tokens=6)
+
+
+@pytest.fixture(scope="module")
+def greedy(pipeline):
+    return InferenceConfig.from_model(pipeline.config, greedy=True, max_new_tokens=2)
 
 
 @pytest.fixture(scope="module")
@@ -39,38 +48,40 @@ def clip_dir(tmp_path, clips):
     return directory
 
 
-def test_results_are_the_batched_runs(pipeline, clips, clip_dir, tmp_path):
+def test_results_are_the_batched_runs(pipeline, sampled, clips, clip_dir, tmp_path):
     key = jax.random.key(5)
     seen = []
-    summary = run_clips(pipeline, clip_paths(clip_dir), tmp_path / "out", key, batch_size=2,
-                        on_clip=lambda path, status: seen.append((path.stem, status)), **OPTIONS)
+    summary = run_clips(pipeline, clip_paths(clip_dir), tmp_path / "out", key, sampled, batch_size=2,
+                        on_clip=lambda path, status: seen.append((path.stem, status)),
+                        provenance={"model": "tiny", "seed": 5})
     assert [p.name for p in summary.written] == ["a.json", "b.json", "c.json"] and not summary.failed
     assert seen == [("a", "written"), ("b", "written"), ("c", "written")]
     # Batch 0 = (a, b); batch 1 = (c, c): the short batch is filled with a copy, whose result is dropped.
-    first = sample_trajectories(pipeline, [clips["a"], clips["b"]], jax.random.fold_in(key, 0), **OPTIONS)
-    second = sample_trajectories(pipeline, [clips["c"], clips["c"]], jax.random.fold_in(key, 1), **OPTIONS)
+    first = sample_trajectories(pipeline, [clips["a"], clips["b"]], jax.random.fold_in(key, 0), sampled)
+    second = sample_trajectories(pipeline, [clips["c"], clips["c"]], jax.random.fold_in(key, 1), sampled)
     for name, samples, index in [("a", first, 0), ("b", first, 1), ("c", second, 0)]:
         written = json.loads((tmp_path / "out" / f"{name}.json").read_text())
-        expected = result_record(samples, index)
+        expected = result_record(samples, index, settings=sampled)
         assert written["generated_token_ids"] == expected["generated_token_ids"]
+        assert written["num_generated_tokens"] == expected["num_generated_tokens"]
+        assert written["settings"] == sampled.to_json() and (written["model"], written["seed"]) == ("tiny", 5)
         np.testing.assert_array_equal(np.asarray(written["xyz"], np.float32), samples.xyz[index])
         assert np.asarray(written["rotation"]).shape == (2, 64, 3, 3)
         assert written["batch"] == ({"number": 0, "clips": ["a", "b"], "size": 2} if name != "c"
                                     else {"number": 1, "clips": ["c"], "size": 2})
 
     # A rerun keeps what exists; overwrite recomputes.
-    again = run_clips(pipeline, clip_paths(clip_dir), tmp_path / "out", key, batch_size=2, **OPTIONS)
+    again = run_clips(pipeline, clip_paths(clip_dir), tmp_path / "out", key, sampled, batch_size=2)
     assert len(again.skipped) == 3 and not again.written
-    forced = run_clips(pipeline, clip_paths(clip_dir)[:1], tmp_path / "out", key, overwrite=True, **OPTIONS)
+    forced = run_clips(pipeline, clip_paths(clip_dir)[:1], tmp_path / "out", key, sampled, overwrite=True)
     assert [p.name for p in forced.written] == ["a.json"]
 
 
-def test_unreadable_clips_are_reported_and_the_rest_run(pipeline, clip_dir, tmp_path):
+def test_unreadable_clips_are_reported_and_the_rest_run(pipeline, greedy, clip_dir, tmp_path):
     (clip_dir / "broken.npz").write_bytes(b"not a zip")
     listing = tmp_path / "clips.txt"
     listing.write_text("# two clips\nclips/broken.npz\n\nclips/a.npz\n")
-    summary = run_clips(pipeline, clip_paths(listing), tmp_path / "out", jax.random.key(0), greedy=True,
-                        max_new_tokens=2)
+    summary = run_clips(pipeline, clip_paths(listing), tmp_path / "out", jax.random.key(0), greedy)
     assert [p.name for p in summary.written] == ["a.json"]
     assert list(summary.failed) == [clip_dir / "broken.npz"]
     assert "not an .npz archive" in summary.failed[clip_dir / "broken.npz"]
@@ -106,7 +117,8 @@ def test_batch_command(fixture_dir, clip_dir, tmp_path):
     run = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     assert run.returncode == 1  # one clip failed
     assert "3 clips written, 0 skipped (results exist), 1 failed" in run.stdout
-    assert "failed " + str(clip_dir / "broken.npz") in run.stderr
+    assert "failed: " + str(clip_dir / "broken.npz") in run.stderr
+    assert run.stderr.count(str(clip_dir / "broken.npz")) == 1
     assert sorted(p.name for p in out.iterdir()) == ["a.json", "a.png", "b.json", "b.png", "c.json", "c.png"]
     result = json.loads((out / "a.json").read_text())
     assert np.asarray(result["xyz"]).shape == (1, 64, 3) and len(result["generated_token_ids"][0]) <= 4
@@ -120,22 +132,19 @@ def test_multi_host_options_go_together(fixture_dir, clip_dir, tmp_path):
     assert "--coordinator, --num-processes and --process-id go together" in run.stderr
 
 
-def test_clips_of_different_image_sizes_run_in_separate_batches(pipeline, clips, tmp_path):
-    from alpamayo_jax.processing.clip import synthetic_clip
+def test_clips_of_different_image_sizes_run_in_separate_batches(pipeline, greedy, clips, tmp_path):
+    from alpamayo_jax.processing.synthetic import synthetic_clip
 
     directory = tmp_path / "mixed"
     directory.mkdir()
     save_clip(directory / "a.npz", clips["a"])
     save_clip(directory / "small.npz", synthetic_clip(0, image_size=(40, 64)))
-    summary = run_clips(pipeline, clip_paths(directory), tmp_path / "out", jax.random.key(0), batch_size=2,
-                        greedy=True, max_new_tokens=2)
+    summary = run_clips(pipeline, clip_paths(directory), tmp_path / "out", jax.random.key(0), greedy, batch_size=2)
     assert [p.name for p in summary.written] == ["a.json", "small.json"] and not summary.failed
     batches = [json.loads((tmp_path / "out" / name).read_text())["batch"] for name in ("a.json", "small.json")]
     assert batches == [{"number": 0, "clips": ["a"], "size": 2}, {"number": 1, "clips": ["small"], "size": 2}]
 
 
 def test_batch_options_are_checked(pipeline, clip_dir, tmp_path):
-    with pytest.raises(ValueError, match="noise cannot be given"):
-        run_clips(pipeline, clip_paths(clip_dir), tmp_path / "out", jax.random.key(0), noise=np.zeros((1, 64, 2)))
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
         run_clips(pipeline, clip_paths(clip_dir), tmp_path / "out", jax.random.key(0), batch_size=0)

@@ -25,7 +25,6 @@ from alpamayo_jax.io.assign import (
     describe,
     export_plan,
     load_tensors_into,
-    module_variables,
     plan_assignment,
     read_assignment,
 )
@@ -33,6 +32,7 @@ from alpamayo_jax.io.bundle import load_bundle
 from alpamayo_jax.io.convert import convert_checkpoint
 from alpamayo_jax.io.hf import load_hf_checkpoint, save_hf_checkpoint
 from alpamayo_jax.io.safetensors import CheckpointFormatError, CheckpointReader, write_safetensors
+from alpamayo_jax.nn.variables import module_variables
 from alpamayo_jax.io.weight_map import alpamayo_rules, qwen3_vl_rules
 from alpamayo_jax.models.alpamayo import AlpamayoR1
 from alpamayo_jax.models.vlm import Qwen3VL

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from alpamayo_jax.io.assign import module_variables
+from alpamayo_jax.nn.variables import module_variables
 from alpamayo_jax.nn.axes import LOGICAL_AXES
 
 

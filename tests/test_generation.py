@@ -14,7 +14,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from flax import nnx
 from transformers.generation.logits_process import (
     LogitsProcessorList,
     TemperatureLogitsWarper,
@@ -25,7 +24,8 @@ from transformers.generation.logits_process import (
 from alpamayo_jax.config import tiny
 from alpamayo_jax.inference import generation
 from alpamayo_jax.inference.generation import GenerationConfig, decode, generate
-from alpamayo_jax.inference.kv_cache import KVCache
+from alpamayo_jax.processing.model_inputs import ModelInputs, assemble_inputs
+from alpamayo_jax.models.kv_cache import KVCache
 from alpamayo_jax.inference.sampling import (
     GREEDY,
     SamplingParams,
@@ -52,10 +52,6 @@ def fixture_config(max_new_tokens: int, sampling=GREEDY) -> GenerationConfig:
                                          sampling=sampling, return_logits=True)
 
 
-def prompt(golden):
-    return golden["fused.input_ids"], golden["processor.pixel_values"], golden["processor.image_grid_thw"]
-
-
 def check_step_logits(actual, expected, name):
     actual = np.asarray(actual)
     np.testing.assert_array_equal(np.isneginf(actual), np.isneginf(expected), err_msg=f"{name}: -inf pattern")
@@ -65,13 +61,13 @@ def check_step_logits(actual, expected, name):
 
 
 @pytest.fixture(scope="module")
-def main_run(tiny_model, golden):
-    return generate(tiny_model, *prompt(golden), config=fixture_config(24))
+def main_run(tiny_split, fixture_inputs):
+    return generate(tiny_split, fixture_inputs, config=fixture_config(24))
 
 
 @pytest.fixture(scope="module")
-def short_run(tiny_model, golden):
-    return generate(tiny_model, *prompt(golden), config=fixture_config(4))
+def short_run(tiny_split, fixture_inputs):
+    return generate(tiny_split, fixture_inputs, config=fixture_config(4))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -79,7 +75,8 @@ def short_run(tiny_model, golden):
 # ---------------------------------------------------------------------------------------------
 
 
-def test_main_rollout_matches_reference(main_run, golden):
+def test_main_rollout_matches_reference(main_run, golden, fixture_inputs):
+    np.testing.assert_array_equal(fixture_inputs.input_ids, golden["fused.input_ids"])
     run = main_run
     expected_tokens = golden["gen.new_tokens"]  # (1, 7): 5 tokens, <|traj_future_start|>, 1 extra
     steps = expected_tokens.shape[1]
@@ -126,33 +123,54 @@ def test_short_rollout_matches_reference(short_run, golden):
     np.testing.assert_array_equal(np.asarray(context.position_ids), golden["short.expert.position_ids"])
 
 
-def second_clip(golden):
-    """A different clip with the fixture's layout: other history tokens and other images."""
-    ids, pixels, grid = prompt(golden)
-    ids = ids.copy()
-    history = np.flatnonzero((ids[0] >= CONFIG.history_token_start_idx) &
-                             (ids[0] < CONFIG.traj_token_start_idx + CONFIG.traj_vocab_size))
-    start = CONFIG.history_token_start_idx
-    ids[0, history] = start + (ids[0, history] - start + 37) % CONFIG.history_tokenizer.num_bins
-    return ids, -pixels[::-1].copy(), grid
+def second_clip(golden) -> ModelInputs:
+    """A different clip with the fixture's layout: another history and other images."""
+    return assemble_inputs(golden["processor.input_ids"], -golden["processor.pixel_values"][::-1].copy(),
+                           golden["processor.image_grid_thw"], golden["action_space.hist_xyz"][1:2],
+                           golden["action_space.hist_rot"][1:2], config=CONFIG)
 
 
-def test_samples_and_clips(tiny_model, golden, main_run):
+def duplicate_prompts(inputs: ModelInputs, num_samples: int) -> ModelInputs:
+    """The reference's layout: every clip's prompt, images, positions and history repeated
+    `num_samples` times before the prefill (rows clip-major)."""
+    per_clip = len(inputs.image_grid) // inputs.num_clips
+    rows = inputs.pixel_values.shape[0] // inputs.num_clips  # clips of one batch have equal images
+    pixels = inputs.pixel_values.reshape(inputs.num_clips, rows, -1)
+    return ModelInputs(
+        input_ids=np.repeat(inputs.input_ids, num_samples, axis=0),
+        pixel_values=np.repeat(pixels, num_samples, axis=0).reshape(-1, pixels.shape[-1]),
+        position_ids=np.repeat(inputs.position_ids, num_samples, axis=1),
+        rope_deltas=np.repeat(inputs.rope_deltas, num_samples),
+        ego_history_xyz=np.repeat(inputs.ego_history_xyz, num_samples, axis=0),
+        ego_history_rot=np.repeat(inputs.ego_history_rot, num_samples, axis=0),
+        image_grid=inputs.image_grid[:per_clip] * (inputs.num_clips * num_samples),
+    )
+
+
+def concatenate(*clips: ModelInputs) -> ModelInputs:
+    return ModelInputs(
+        input_ids=np.concatenate([c.input_ids for c in clips]),
+        pixel_values=np.concatenate([c.pixel_values for c in clips]),
+        position_ids=np.concatenate([c.position_ids for c in clips], axis=1),
+        rope_deltas=np.concatenate([c.rope_deltas for c in clips]),
+        ego_history_xyz=np.concatenate([c.ego_history_xyz for c in clips]),
+        ego_history_rot=np.concatenate([c.ego_history_rot for c in clips]),
+        image_grid=sum((c.image_grid for c in clips), ()),
+    )
+
+
+def test_samples_and_clips(tiny_split, golden, fixture_inputs, main_run):
     """Two clips x two samples, with the sampling settings the fixture ran (top_k=1, so every
     sample of a clip is the greedy rollout): rows are clip-major; prefill-once-and-broadcast and
-    duplicated prompts give the same rollouts; each clip equals its single-clip run."""
+    the reference's duplicated prompts give the same rollouts; each clip equals its single-clip run."""
     config = fixture_config(24, FIXTURE_SAMPLING)
-    ids0, pixels0, grid = prompt(golden)
-    ids1, pixels1, _ = second_clip(golden)
-    ids = np.concatenate([ids0, ids1])
-    pixels = np.concatenate([pixels0, pixels1])
-    grids = np.concatenate([grid, grid])
+    other = second_clip(golden)
+    both = concatenate(fixture_inputs, other)
     key = jax.random.key(7)
-    broadcast = generate(tiny_model, ids, pixels, grids, config=config, key=key, num_samples=2)
-    duplicated = generate(tiny_model, ids, pixels, grids, config=config, key=key, num_samples=2,
-                          duplicate_prompts=True)
+    broadcast = generate(tiny_split, both, config=config, key=key, num_samples=2)
+    duplicated = generate(tiny_split, duplicate_prompts(both, 2), config=config, key=key)
     # top_k=1 sampling is greedy: the single-clip run reuses the programs compiled for main_run.
-    alone = generate(tiny_model, ids1, pixels1, grid, config=fixture_config(24))
+    alone = generate(tiny_split, other, config=fixture_config(24))
 
     steps = int(broadcast.num_steps)
     assert int(duplicated.num_steps) == steps
@@ -205,22 +223,22 @@ def count_primitive(jaxpr, name: str) -> tuple[int, int]:
     return found, total
 
 
-def test_decode_is_one_while_loop_independent_of_length(tiny_model, main_run, short_run):
-    graphdef, params = nnx.split(tiny_model.vlm)
+def test_decode_is_one_while_loop_independent_of_length(tiny_split, main_run, short_run):
     counts = []
     for run, steps in ((main_run, 24), (short_run, 4)):
         config = fixture_config(steps)
-        jaxpr = jax.make_jaxpr(functools.partial(generation._decode, graphdef, config=config))(
-            params, run.cache, run.logits[:, 0], run.rope_deltas, jax.random.key(0), jnp.array([-1]))
+        jaxpr = jax.make_jaxpr(functools.partial(generation.decode_rollout, config=config))(
+            tiny_split, run.cache, run.logits[:, 0], run.rope_deltas, jax.random.key(0), jnp.array([-1]))
         counts.append(count_primitive(jaxpr.jaxpr, "while"))
     assert counts[0][0] == counts[1][0] == 1, counts
     assert counts[0][1] == counts[1][1], counts  # the program does not grow with max_new_tokens
 
 
-def test_decode_compiles_once(tiny_model, golden, main_run):
-    before = generation._decode._cache_size()
-    again = generate(tiny_model, *prompt(golden), config=fixture_config(24), key=jax.random.key(123))
-    assert generation._decode._cache_size() == before  # same shapes and config: no new program
+def test_decode_compiles_once(tiny_split, fixture_inputs, main_run):
+    before = generation.decode_rollout._cache_size(), generation.prefill._cache_size()
+    again = generate(tiny_split, fixture_inputs, config=fixture_config(24), key=jax.random.key(123))
+    # same shapes and config: no new program
+    assert (generation.decode_rollout._cache_size(), generation.prefill._cache_size()) == before
     np.testing.assert_array_equal(np.asarray(again.raw_tokens), np.asarray(main_run.raw_tokens))
 
 

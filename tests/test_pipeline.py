@@ -15,7 +15,10 @@ import pytest
 from PIL import Image
 from safetensors.numpy import save_file
 
-from alpamayo_jax.inference.pipeline import Pipeline, fuse_precomputed, prepare_clips, sample_from_inputs
+from alpamayo_jax.inference.inference_config import InferenceConfig
+from alpamayo_jax.inference.pipeline import Pipeline, sample_from_inputs
+from alpamayo_jax.processing.clip import Clip
+from tests.conftest import recorded_inputs
 from tests.parity import assert_close
 
 
@@ -31,16 +34,20 @@ def history(golden):
 
 @pytest.fixture(scope="module")
 def inputs(pipeline, golden, history):
-    return prepare_clips(pipeline, [golden["input.image_frames"]], [history[0][0]], [history[1][0]])
+    return pipeline.prepare(Clip.create(golden["input.image_frames"], history[0][0], history[1][0]))
+
+
+def greedy(pipeline, max_new_tokens, **options):
+    return InferenceConfig.from_model(pipeline.config, greedy=True, max_new_tokens=max_new_tokens, **options)
 
 
 @pytest.mark.parametrize("case", ["main", "short"])
 def test_end_to_end_matches_reference(pipeline, golden, history, inputs, case):
     prefix, max_new_tokens = ("", 24) if case == "main" else ("short.", 4)
-    np.testing.assert_array_equal(inputs["fused_input_ids"], golden["fused.input_ids"])
-    samples = sample_from_inputs(pipeline, inputs["fused_input_ids"], inputs["pixel_values"],
-                                 inputs["image_grid_thw"], *history, jax.random.key(0), greedy=True,
-                                 max_new_tokens=max_new_tokens, noise=golden["diffusion.noise"])
+    np.testing.assert_array_equal(inputs.input_ids, golden["fused.input_ids"])
+    np.testing.assert_array_equal(inputs.pixel_values, golden["processor.pixel_values"])
+    samples = sample_from_inputs(pipeline, inputs, jax.random.key(0), greedy(pipeline, max_new_tokens),
+                                 noise=golden["diffusion.noise"])
     raw = golden[f"{prefix}gen.sequences_raw"][0, golden["fused.input_ids"].shape[1]:]
     assert samples.generated_token_ids == [[raw.tolist()]]
     assert_close(samples.actions[0], golden[f"{prefix}rollout.sampled_action"], 1e-5, f"{prefix}sampled_action")
@@ -51,20 +58,19 @@ def test_end_to_end_matches_reference(pipeline, golden, history, inputs, case):
     assert set(samples.timings) == {"generate", "flow_matching", "rollout", "decode_text"}
 
 
-def test_precomputed_inputs_path(pipeline, golden, history):
-    fused = fuse_precomputed(pipeline, golden["processor.input_ids"], history[0][0], history[1][0])
-    np.testing.assert_array_equal(fused, golden["fused.input_ids"])
-    samples = sample_from_inputs(pipeline, fused, golden["processor.pixel_values"], golden["processor.image_grid_thw"],
-                                 *history, jax.random.key(0), greedy=True, max_new_tokens=24,
+def test_recorded_inputs_path(pipeline, golden):
+    inputs = recorded_inputs(golden, pipeline.config)
+    np.testing.assert_array_equal(inputs.input_ids, golden["fused.input_ids"])
+    samples = sample_from_inputs(pipeline, inputs, jax.random.key(0), greedy(pipeline, 24),
                                  noise=golden["diffusion.noise"])
-    assert_close(samples.xyz[0], golden["rollout.pred_xyz"][0, 0], 1e-4, "pred_xyz from precomputed inputs")
+    assert_close(samples.xyz[0], golden["rollout.pred_xyz"][0, 0], 1e-4, "pred_xyz from recorded inputs")
 
 
-def test_sampling_is_deterministic_per_key(pipeline, inputs, history):
+def test_sampling_is_deterministic_per_key(pipeline, inputs):
+    settings = InferenceConfig.from_model(pipeline.config, num_samples=2, temperature=1.5, max_new_tokens=8)
+
     def run(seed):
-        return sample_from_inputs(pipeline, inputs["fused_input_ids"], inputs["pixel_values"],
-                                  inputs["image_grid_thw"], *history, jax.random.key(seed), num_samples=2,
-                                  temperature=1.5, max_new_tokens=8)
+        return sample_from_inputs(pipeline, inputs, jax.random.key(seed), settings)
 
     first, again, other = run(1), run(1), run(2)
     assert first.xyz.shape == (1, 2, 64, 3) and first.rotation.shape == (1, 2, 64, 3, 3)
@@ -77,10 +83,11 @@ def test_sampling_is_deterministic_per_key(pipeline, inputs, history):
     assert not ((tokens >= start) & (tokens < start + pipeline.config.traj_vocab_size)).any()
 
 
-def test_bad_noise_is_rejected(pipeline, inputs, history):
-    with pytest.raises(ValueError, match="noise must be"):
-        sample_from_inputs(pipeline, inputs["fused_input_ids"], inputs["pixel_values"], inputs["image_grid_thw"],
-                           *history, jax.random.key(0), greedy=True, max_new_tokens=2, noise=np.zeros((2, 64, 2)))
+def test_bad_noise_is_rejected(pipeline, inputs):
+    for noise, message in ((np.zeros((2, 64, 2)), "noise must be"), (np.full((1, 64, 2), np.nan), "non-finite"),
+                           (np.zeros((1, 64, 2), np.int32), "floating-point")):
+        with pytest.raises(ValueError, match=message):
+            sample_from_inputs(pipeline, inputs, jax.random.key(0), greedy(pipeline, 2), noise=noise)
 
 
 def _cli(*args, cwd=None, devices=1):
@@ -95,7 +102,11 @@ def _check_result(path, num_samples):
     assert np.asarray(result["rotation"]).shape == (num_samples, 64, 3, 3)
     assert np.asarray(result["actions"]).shape == (num_samples, 64, 2)
     assert len(result["generated_token_ids"]) == len(result["cot"]) == num_samples
+    assert [len(ids) for ids in result["generated_token_ids"]] >= result["num_generated_tokens"]
     assert {"generate", "flow_matching", "rollout"} <= set(result["timings"])
+    assert set(result["settings"]) == {"num_samples", "greedy", "temperature", "top_p", "top_k", "max_new_tokens",
+                                       "num_flow_steps"}
+    assert result["settings"]["num_samples"] == num_samples and isinstance(result["seed"], int) and result["model"]
     return result
 
 
@@ -107,7 +118,8 @@ def _check_png(path):
 
 
 def test_infer_command(fixture_dir, golden, history, tmp_path):
-    from alpamayo_jax.processing.clip import Clip, save_clip
+    from alpamayo_jax.processing.clip import Clip
+    from alpamayo_jax.processing.clip_file import save_clip
 
     clip_path = tmp_path / "clip.npz"
     save_clip(clip_path, Clip.create(golden["input.image_frames"], history[0][0], history[1][0]))
@@ -118,6 +130,9 @@ def test_infer_command(fixture_dir, golden, history, tmp_path):
                "--max-new-tokens", "24", "--out", str(out), "--plot", str(plot))
     assert run.returncode == 0, run.stderr
     result = _check_result(out, 1)
+    assert result["settings"] == {"num_samples": 1, "greedy": True, "temperature": None, "top_p": None,
+                                  "top_k": None, "max_new_tokens": 24, "num_flow_steps": 10}
+    assert result["model"] == str(fixture_dir / "hf") and result["seed"] == 0
     assert_close(np.asarray(result["xyz"]), golden["rollout.pred_xyz"][0, 0], 1e-4, "infer --clip pred_xyz")
     _check_png(plot)
 
@@ -151,3 +166,7 @@ def test_demo_command(tmp_path):
     assert run.returncode == 0, run.stderr
     assert "sample 1:" in run.stdout and "after 6.4 s" in run.stdout
     _check_png(tmp_path / "alpamayo_demo.png")
+    result = _check_result(tmp_path / "alpamayo_demo.json", 2)
+    # The demo's budget and the reference's sampling; 10 flow steps from the embedded checkpoint.
+    assert result["settings"] == {"num_samples": 2, "greedy": False, "temperature": 0.6, "top_p": 0.98,
+                                  "top_k": None, "max_new_tokens": 32, "num_flow_steps": 10}

@@ -12,14 +12,14 @@ import pytest
 import tokenizers
 
 from alpamayo_jax.config import alpamayo_r1_10b, tiny
+from alpamayo_jax.processing.chat_template import PromptError, load_chat_template, render_chat
+from alpamayo_jax.processing.clip import Clip
+from alpamayo_jax.processing.model_inputs import assemble_inputs, prepare_inputs
 from alpamayo_jax.processing.prompt import (
-    PromptError,
     alpamayo_messages,
-    build_model_inputs,
+    encode_prompt,
     fuse_history_tokens,
     history_tokens,
-    load_chat_template,
-    render_chat,
     render_prompt,
     tokenize_prompt,
 )
@@ -76,15 +76,15 @@ def hf_tok(vlm_dir):
 
 
 @pytest.fixture(scope="module")
+def prompt(golden, tok, template):
+    return encode_prompt(golden["input.image_frames"], tokenizer=tok, chat_template=template, config=CFG)
+
+
+@pytest.fixture(scope="module")
 def inputs(golden, tok, template):
-    return build_model_inputs(
-        golden["input.image_frames"],
-        golden["input.ego_history_xyz"][0, 0],
-        golden["input.ego_history_rot"][0, 0],
-        tokenizer=tok,
-        chat_template=template,
-        config=CFG,
-    )
+    clip = Clip.create(golden["input.image_frames"], golden["input.ego_history_xyz"][0, 0],
+                       golden["input.ego_history_rot"][0, 0])
+    return prepare_inputs([clip], tokenizer=tok, chat_template=template, config=CFG)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,27 +264,33 @@ def test_prompt_text(tok, template, golden_meta):
     assert text.endswith("<|im_start|>assistant\n<|cot_start|>")
 
 
-def test_model_inputs_match_reference(inputs, golden):
-    np.testing.assert_array_equal(inputs["input_ids"], golden["processor.input_ids"])
-    np.testing.assert_array_equal(inputs["fused_input_ids"], golden["fused.input_ids"])
-    np.testing.assert_array_equal(inputs["attention_mask"], golden["processor.attention_mask"])
-    np.testing.assert_array_equal(inputs["image_grid_thw"], golden["processor.image_grid_thw"])
-    np.testing.assert_array_equal(inputs["pixel_values"], golden["processor.pixel_values"])
-    np.testing.assert_array_equal(inputs["history_tokens"], golden["hist_tokens.raw"])
-    assert inputs["input_ids"].dtype == inputs["fused_input_ids"].dtype == np.int64
+def test_model_inputs_match_reference(prompt, inputs, golden):
+    ids, pixels, grid = prompt
+    np.testing.assert_array_equal(ids[None], golden["processor.input_ids"])
+    np.testing.assert_array_equal(grid, golden["processor.image_grid_thw"])
+    np.testing.assert_array_equal(pixels, golden["processor.pixel_values"])
+    assert golden["processor.attention_mask"].all()  # one prompt: nothing padded
+    np.testing.assert_array_equal(inputs.input_ids, golden["fused.input_ids"])
+    np.testing.assert_array_equal(inputs.pixel_values, golden["processor.pixel_values"])
+    assert inputs.image_grid == tuple(map(tuple, golden["processor.image_grid_thw"].tolist()))
+    np.testing.assert_array_equal(inputs.position_ids, golden["rope.position_ids"])
+    np.testing.assert_array_equal(inputs.rope_deltas, golden["gen.rope_deltas"][:, 0])
+    history = history_tokens(golden["input.ego_history_xyz"][0, 0], golden["input.ego_history_rot"][0, 0], CFG)
+    np.testing.assert_array_equal(history[None], golden["hist_tokens.raw"])
+    assert ids.dtype == np.int64 and inputs.input_ids.dtype == np.int32
 
 
-def test_history_fusion(inputs, golden):
-    placeholders = np.flatnonzero(inputs["input_ids"][0] == CFG.traj_token_ids.history)
+def test_history_fusion(prompt, inputs, golden):
+    placeholders = np.flatnonzero(prompt[0] == CFG.traj_token_ids.history)
     assert placeholders.size == CFG.tokens_per_history_traj
     assert np.all(np.diff(placeholders) == 1)  # one contiguous run
-    fused = inputs["fused_input_ids"][0]
+    fused = inputs.input_ids[0]
     np.testing.assert_array_equal(
         fused[placeholders], golden["hist_tokens.raw"][0] + CFG.history_token_start_idx
     )
     others = np.ones(fused.size, bool)
     others[placeholders] = False
-    np.testing.assert_array_equal(fused[others], inputs["input_ids"][0][others])
+    np.testing.assert_array_equal(fused[others], prompt[0][others])
     assert fused[placeholders[0] - 1] == CFG.traj_token_ids.history_start
     assert fused[placeholders[-1] + 1] == CFG.traj_token_ids.history_end
     hist = fused[placeholders]
@@ -293,9 +299,9 @@ def test_history_fusion(inputs, golden):
     )
 
 
-def test_image_token_expansion(inputs):
-    ids = inputs["input_ids"][0]
-    per_image = inputs["image_grid_thw"].prod(axis=1) // CFG.vision.spatial_merge_size**2
+def test_image_token_expansion(prompt):
+    ids, _, grid = prompt
+    per_image = grid.prod(axis=1) // CFG.vision.spatial_merge_size**2
     assert np.sum(ids == CFG.image_token_id) == per_image.sum()
     starts = np.flatnonzero(ids == CFG.vision_start_token_id)
     assert starts.size == 16
@@ -363,16 +369,16 @@ def test_render_matches_transformers(template_name, template, tok):
         assert render_chat(chat, chat_template, **flags, **tok.special_tokens_map) == expected[0], flags
 
 
-def test_prompt_errors(tok, template, golden, tmp_path):
+def test_prompt_errors(tok, template, golden, prompt, tmp_path):
     frames = golden["input.image_frames"]
     xyz, rot = golden["input.ego_history_xyz"][0, 0], golden["input.ego_history_rot"][0, 0]
+    ids, pixels, grid = prompt
 
-    def build(**kw):
-        args = {"camera_frames": frames, "ego_history_xyz": xyz, "ego_history_rot": rot}
-        args.update(kw)
-        return build_model_inputs(**args, tokenizer=tok, chat_template=template, config=CFG)
+    def build(ego_history_xyz=xyz, ego_history_rot=rot, pixel_values=pixels, image_grid_thw=grid):
+        return assemble_inputs(ids[None], pixel_values, image_grid_thw, ego_history_xyz[None], ego_history_rot[None],
+                               config=CFG)
 
-    with pytest.raises(PromptError, match="must be \\(T, 3\\)"):
+    with pytest.raises(PromptError, match="ego_history_xyz must be \\(1, T, 3\\)"):
         build(ego_history_xyz=xyz[None])
     with pytest.raises(PromptError, match="15 steps"):
         build(ego_history_xyz=xyz[1:], ego_history_rot=rot[1:])
@@ -380,15 +386,23 @@ def test_prompt_errors(tok, template, golden, tmp_path):
         build(ego_history_rot=rot[:, :2])
     with pytest.raises(PromptError, match="NaN"):
         build(ego_history_xyz=np.where(np.arange(16)[:, None] == 3, np.nan, xyz))
+    with pytest.raises(PromptError, match="pixel_values must be float32"):
+        build(pixel_values=pixels.astype(np.float64))
+    with pytest.raises(PromptError, match="pixel_values must be"):
+        build(pixel_values=pixels[:-1])
+    with pytest.raises(PromptError, match="NaN or infinite"):
+        build(pixel_values=np.where(np.arange(len(pixels))[:, None] == 5, np.inf, pixels).astype(np.float32))
+    with pytest.raises(ValueError, match="image grid|image tokens|placeholders"):
+        build(pixel_values=pixels[:-24], image_grid_thw=grid[:-1])  # one image fewer than placeholders
     with pytest.raises(ValueError, match="expected \\(n_cameras, n_frames, 3, H, W\\)"):
-        build(camera_frames=frames[0])
+        encode_prompt(frames[0], tokenizer=tok, chat_template=template, config=CFG)
     with pytest.raises(PromptError, match="a chat template"):
-        build_model_inputs(frames, xyz, rot, tokenizer=tok, chat_template="", config=CFG)
+        encode_prompt(frames, tokenizer=tok, chat_template="", config=CFG)
 
     # A template without images or without the assistant message cannot give the reference prompt.
     no_images = "{% for m in messages %}{% for c in m.content %}{{ c.text }}{% endfor %}{% endfor %}"
     with pytest.raises(PromptError, match="0 image tokens .* but 16 images"):
-        build_model_inputs(frames, xyz, rot, tokenizer=tok, chat_template=no_images, config=CFG)
+        encode_prompt(frames, tokenizer=tok, chat_template=no_images, config=CFG)
     drops_last = "{% for m in messages[:-1] %}{{ m.role }}{% endfor %}"
     with pytest.raises(PromptError, match="dropped part of the final message"):
         render_prompt(16, tokenizer=tok, chat_template=drops_last)
@@ -410,7 +424,7 @@ def test_prompt_errors(tok, template, golden, tmp_path):
         spatial_merge_size=CFG.vision.spatial_merge_size,
     )
     with pytest.raises(PromptError, match="expected 48 history placeholders .* found \\[47\\]"):
-        fuse_history_tokens(ids, np.zeros(48, np.int64), placeholder_id=CFG.traj_token_ids.history)
+        fuse_history_tokens(ids[None], np.zeros((1, 48), np.int64), placeholder_id=CFG.traj_token_ids.history)
     with pytest.raises(PromptError, match="16 image tokens .* but 15 images"):
         tokenize_prompt(
             render_prompt(16, tokenizer=tok, chat_template=template),

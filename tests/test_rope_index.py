@@ -9,7 +9,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from alpamayo_jax.config import tiny
-from alpamayo_jax.processing.rope_index import decode_position_ids, get_rope_index
+from alpamayo_jax.processing.rope_index import get_rope_index
 
 FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "tiny_ar1_dev"
 CFG = tiny()
@@ -125,7 +125,9 @@ def test_decode_positions_continue_the_prompt():
     # Appending text tokens to the prompt must give them the positions decode assigns.
     extended = np.concatenate([prompt, rng.integers(0, 480, (1, 4))], axis=1)
     full, _ = _rope_index(extended, np.array([(1, 4, 6)]))
-    np.testing.assert_array_equal(decode_position_ids(deltas, length, 4), full[:, :, length:])
+    # generation feeds the token at sequence index j at position j + rope_delta on all three axes
+    decode_positions = np.broadcast_to(np.arange(length, length + 4) + deltas[0, 0], (3, 1, 4))
+    np.testing.assert_array_equal(decode_positions, full[:, :, length:])
 
 
 def test_placeholder_count_mismatch_raises():

@@ -11,8 +11,9 @@ from alpamayo_jax.config import tiny
 from alpamayo_jax.io.assign import load_tensors_into
 from alpamayo_jax.io.weight_map import vision_rules
 from alpamayo_jax.models import vision as vision_lib
-from alpamayo_jax.models.vision import VisionModel, encode_images, encode_images_pure
+from alpamayo_jax.models.vision import VisionModel
 from alpamayo_jax.numerics import torch_linspace_f32
+from tests.jitted import encode_images, vision_jit
 from tests.parity import assert_close
 
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -95,14 +96,14 @@ def test_jitted_entry_compiles_once_per_grid(model):
     patch_dim = model.config.patch_dim
     grid_a = np.array([[1, 2, 4], [1, 2, 4]])
     pixels_a = jnp.asarray(rng.normal(size=(16, patch_dim)), jnp.float32)
-    before = encode_images_pure._cache_size()
+    before = vision_jit._cache_size()
     first = encode_images(model, pixels_a, grid_a)
-    after_first = encode_images_pure._cache_size()
+    after_first = vision_jit._cache_size()
     second = encode_images(model, pixels_a, grid_a.tolist())  # same grid, other container: no retrace
-    assert encode_images_pure._cache_size() == after_first <= before + 1
+    assert vision_jit._cache_size() == after_first <= before + 1
     np.testing.assert_array_equal(np.asarray(first.image_embeds), np.asarray(second.image_embeds))
     encode_images(model, jnp.asarray(rng.normal(size=(16, patch_dim)), jnp.float32), ((1, 4, 4),))
-    assert encode_images_pure._cache_size() == after_first + 1
+    assert vision_jit._cache_size() == after_first + 1
 
 
 def test_images_are_encoded_independently(model):

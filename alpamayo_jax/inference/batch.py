@@ -22,16 +22,19 @@ from pathlib import Path
 
 import jax
 
+from alpamayo_jax.inference.inference_config import InferenceConfig
 from alpamayo_jax.inference.pipeline import Pipeline, TrajectorySamples, sample_trajectories
 from alpamayo_jax.plot import plot_trajectories
-from alpamayo_jax.processing.clip import Clip, ClipError, load_clip, write_atomically
+from alpamayo_jax.io.atomic import write_atomically
+from alpamayo_jax.processing.clip import Clip, ClipError
+from alpamayo_jax.processing.clip_file import load_clip
 
 
 @dataclasses.dataclass
 class BatchSummary:
     written: list[Path] = dataclasses.field(default_factory=list)  # result files written
     skipped: list[Path] = dataclasses.field(default_factory=list)  # clips whose result existed
-    failed: dict[Path, str] = dataclasses.field(default_factory=dict)  # clip -> why it was not run
+    failed: dict[Path, str] = dataclasses.field(default_factory=dict)  # clip -> why it was not run (names it)
 
 
 def clip_paths(source: str | os.PathLike) -> list[Path]:
@@ -58,16 +61,20 @@ def clip_paths(source: str | os.PathLike) -> list[Path]:
     return paths
 
 
-def result_record(samples: TrajectorySamples, clip: int) -> dict:
+def result_record(samples: TrajectorySamples, clip: int, *, settings: InferenceConfig, **provenance) -> dict:
     """The JSON-ready result of clip `clip` of a run: per sample xyz (W, 3), rotation (W, 3, 3),
-    actions (W, 2), generated token ids, Chain-of-Causation text; and the run's timings."""
+    actions (W, 2), generated token ids and their own count (padding excluded), Chain-of-Causation
+    text; the run's timings and settings, and `provenance` (model, seed, batch, ...) as given."""
     return {
         "xyz": samples.xyz[clip].tolist(),
         "rotation": samples.rotation[clip].tolist(),
         "actions": samples.actions[clip].tolist(),
         "generated_token_ids": samples.generated_token_ids[clip],
+        "num_generated_tokens": samples.num_generated_tokens[clip].tolist(),
         "cot": samples.cot[clip],
         "timings": samples.timings,
+        "settings": settings.to_json(),
+        **provenance,
     }
 
 
@@ -85,20 +92,21 @@ def run_clips(
     paths: Sequence[str | os.PathLike],
     out_dir: str | os.PathLike,
     key: jax.Array,
+    settings: InferenceConfig | None = None,
     *,
     batch_size: int | None = None,
     overwrite: bool = False,
     plots: bool = False,
     on_clip: Callable[[Path, str], None] | None = None,
-    **options,
+    provenance: dict | None = None,
 ) -> BatchSummary:
     """Runs every clip in `paths` and writes `out_dir/<clip name>.json` (and `.png` with `plots`).
 
-    `options` are `sample_from_inputs`'s (num_samples, temperature, top_p, greedy,
-    max_new_tokens, num_flow_steps; not noise). `on_clip(path, status)` is called once per clip
-    with status "written", "skipped" or "failed". Returns what happened to each clip."""
-    if "noise" in options:
-        raise ValueError("noise cannot be given for a batch of clips (it is drawn per batch from the key)")
+    `settings` default to the checkpoint's (`InferenceConfig.from_model`); the flow noise is drawn
+    per batch from `key`. `provenance` (e.g. model and seed) is recorded in every result file.
+    `on_clip(path, status)` is called once per clip with status "written", "skipped" or "failed".
+    Returns what happened to each clip."""
+    settings = InferenceConfig.from_model(pipeline.config) if settings is None else settings
     data = 1 if pipeline.mesh is None else pipeline.mesh.shape["data"]
     batch_size = data if batch_size is None else batch_size
     if batch_size < 1:
@@ -123,7 +131,8 @@ def run_clips(
             try:
                 clip = load_clip(path)
             except (ClipError, OSError) as error:
-                summary.failed[path] = str(error)
+                message = str(error)  # clip errors name their file; say which file once
+                summary.failed[path] = message if str(path) in message else f"{path}: {message}"
                 if on_clip:
                     on_clip(path, "failed")
                 continue
@@ -131,14 +140,15 @@ def run_clips(
         for group in loaded.values():
             clips = [clip for _, clip in group]
             clips += [clips[-1]] * (batch_size - len(clips))  # fill-up copies, results dropped
-            samples = sample_trajectories(pipeline, clips, jax.random.fold_in(key, batch_number), **options)
+            samples = sample_trajectories(pipeline, clips, jax.random.fold_in(key, batch_number), settings)
             # What a sampled result depends on, so that it can be reproduced.
-            provenance = {"number": batch_number, "clips": [path.stem for path, _ in group], "size": batch_size}
+            batch = {"number": batch_number, "clips": [path.stem for path, _ in group], "size": batch_size}
             batch_number += 1
             for index, (path, clip) in enumerate(group):
                 result = out_dir / f"{path.stem}.json"
                 if writer:
-                    write_result(result, {**result_record(samples, index), "batch": provenance})
+                    write_result(result, result_record(samples, index, settings=settings, **(provenance or {}),
+                                                       batch=batch))
                     if plots:
                         plot_trajectories(result.with_suffix(".png"), clip.ego_history_xyz, samples.xyz[index],
                                           title=path.stem)

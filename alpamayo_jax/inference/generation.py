@@ -17,10 +17,10 @@ Decode positions: the token at absolute sequence index j gets j + rope_delta on 
 axes (j is the cache length when it is fed).
 
 `num_samples` rows per clip are laid out clip-major (row = clip * num_samples + sample), like the
-reference's `repeat_interleave`. By default the prompt is prefilled once per clip and its keys and
-values are repeated (`duplicate_prompts=False`); `duplicate_prompts=True` repeats prompt and images
-before the prefill as the reference does (the vision tower and prefill then run once per row). Both
-give the same cache, logits and tokens (tested); only the work differs.
+reference's `repeat_interleave`. The prompt is prefilled once per clip and its keys and values are
+repeated; the reference repeats prompt and images before the prefill instead (so its vision tower
+and prefill run once per row). Both give the same cache, logits and tokens (tested); only the work
+differs.
 
 Shapes: B rows (clips x samples), C clips, L prompt length, N max_new_tokens, V vocabulary,
 S cache capacity (L + N - 1), P image patches, F flattened patch.
@@ -29,25 +29,24 @@ S cache capacity (L + N - 1), P image patches, F flattened patch.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx, struct
+from flax import struct
 
-from alpamayo_jax.inference.kv_cache import KVCache
+from alpamayo_jax.models.kv_cache import KVCache
 from alpamayo_jax.inference.sampling import (
     REFERENCE_SAMPLING,
     SamplingParams,
     mask_token_range,
     select_tokens,
 )
+from alpamayo_jax.models.alpamayo import AlpamayoR1
 from alpamayo_jax.models.expert import ExpertContext, expert_context
-from alpamayo_jax.models.vision import as_image_grid
-from alpamayo_jax.models.vlm import check_image_placeholders
-from alpamayo_jax.processing.rope_index import get_rope_index
+from alpamayo_jax.nn.module_jit import SplitModule, module_jit
+from alpamayo_jax.processing.model_inputs import ModelInputs
 from alpamayo_jax.sharding import constrain, to_host
 
 # (tokens (B, 1) int32, position_ids (3, B, 1) int32, cache) -> (logits (B, V) float32, cache)
@@ -267,134 +266,73 @@ def decode(
 # ---------------------------------------------------------------------------------------------
 
 
-def _language_model_step(model) -> StepFn:
+def _language_model_step(vlm) -> StepFn:
     def step(tokens, position_ids, cache):
-        out = model(tokens, position_ids=position_ids, cache=cache, last_logits_only=True)
+        out = vlm(tokens, position_ids=position_ids, cache=cache, last_logits_only=True)
         return out.logits[:, -1].astype(jnp.float32), out.cache
 
     return step
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "image_grid_thw", "capacity", "num_samples"))
-def _prefill(graphdef, params, input_ids, pixel_values, position_ids, rope_deltas, *, image_grid_thw,
-             capacity: int, num_samples: int) -> tuple[KVCache, jax.Array, jax.Array]:
-    """Multimodal prefill of C prompts into a fresh cache of C * num_samples rows.
-    Returns (cache, last-position logits (B, V) float32, rope_deltas (B,))."""
-    model = nnx.merge(graphdef, params)
+def _prefill_fn(model: AlpamayoR1, inputs: ModelInputs, *, capacity: int, num_samples: int,
+                stop_token_id: int | None) -> tuple[KVCache, jax.Array, jax.Array, jax.Array]:
+    """Multimodal prefill of C prompts into a fresh cache of C * num_samples rows. Returns (cache,
+    last-position logits (B, V) float32, rope_deltas (B,), first stop token in each prompt or -1
+    (B,))."""
+    vlm = model.vlm
     # Under a mesh, clips split over `data` when they divide it (else the prefill is replicated and
     # the rows it expands into are split: the cache's placement is strict).
-    input_ids = constrain(input_ids, ("batch", "sequence"), replicate_uneven=True)
-    position_ids = constrain(position_ids, (None, "batch", "sequence"), replicate_uneven=True)
-    pixel_values = constrain(pixel_values, ("image_patches", None), replicate_uneven=True)
-    out = model(input_ids, pixel_values=pixel_values, image_grid_thw=image_grid_thw,
-                position_ids=position_ids, last_logits_only=True)
+    input_ids = constrain(inputs.input_ids, ("batch", "sequence"), replicate_uneven=True)
+    position_ids = constrain(inputs.position_ids, (None, "batch", "sequence"), replicate_uneven=True)
+    pixel_values = constrain(inputs.pixel_values, ("image_patches", None), replicate_uneven=True)
+    out = vlm(input_ids, pixel_values=pixel_values, image_grid_thw=inputs.image_grid,
+              position_ids=position_ids, last_logits_only=True)
+    if stop_token_id is None:
+        prompt_stop_index = jnp.full(input_ids.shape[:1], -1, jnp.int32)
+    else:  # the reference searches the whole sequence, prompt included
+        is_stop = input_ids == stop_token_id
+        prompt_stop_index = jnp.where(is_stop.any(axis=1), jnp.argmax(is_stop, axis=1), -1).astype(jnp.int32)
     k, v, logits = out.k, out.v, out.logits[:, -1].astype(jnp.float32)
+    rope_deltas = inputs.rope_deltas
     if num_samples > 1:  # rows clip-major, like repeat_interleave
         k, v = jnp.repeat(k, num_samples, axis=1), jnp.repeat(v, num_samples, axis=1)
         logits, rope_deltas = jnp.repeat(logits, num_samples, axis=0), jnp.repeat(rope_deltas, num_samples)
-    cache = model.init_cache(logits.shape[0], capacity).append(k, v)
-    return cache, logits, rope_deltas.astype(jnp.int32)
+        prompt_stop_index = jnp.repeat(prompt_stop_index, num_samples)
+    cache = vlm.init_cache(logits.shape[0], capacity).append(k, v)
+    return cache, logits, rope_deltas.astype(jnp.int32), prompt_stop_index
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "config"), donate_argnames=("cache",))
-def _decode(graphdef, params, cache, first_logits, rope_deltas, key, prompt_stop_index, *,
-            config: GenerationConfig) -> GenerationResult:
-    model = nnx.merge(graphdef, params)
-    return decode(_language_model_step(model), cache, first_logits, rope_deltas, key, config=config,
+def _decode_fn(model: AlpamayoR1, cache, first_logits, rope_deltas, key, prompt_stop_index, *,
+               config: GenerationConfig) -> GenerationResult:
+    return decode(_language_model_step(model.vlm), cache, first_logits, rope_deltas, key, config=config,
                   prompt_stop_index=prompt_stop_index)
 
 
-def _duplicate_prompts(input_ids, pixel_values, grid, position_ids, rope_deltas, num_samples: int,
-                       tokens_per_image: list[int], image_token_id: int):
-    """Repeats each clip's prompt, images, positions and rope delta `num_samples` times (host)."""
-    patches = np.cumsum([0] + [t * h * w for t, h, w in grid])
-    images_of_clip, first = [], 0
-    for row in input_ids:  # images are consumed in order until the row's placeholders are covered
-        needed = int(np.sum(row == image_token_id))
-        taken, covered = [], 0
-        while covered < needed:
-            taken.append(first)
-            covered += tokens_per_image[first]
-            first += 1
-        images_of_clip.append(taken)
-    ids, pixels, grids = [], [], []
-    for clip, taken in enumerate(images_of_clip):
-        for _ in range(num_samples):
-            ids.append(input_ids[clip])
-            for image in taken:
-                pixels.append(pixel_values[patches[image]:patches[image + 1]])
-                grids.append(grid[image])
-    return (np.stack(ids), np.concatenate(pixels), tuple(grids), np.repeat(position_ids, num_samples, axis=1),
-            np.repeat(rope_deltas, num_samples, axis=0))
+prefill = module_jit(_prefill_fn, static_argnames=("capacity", "num_samples", "stop_token_id"))
+decode_rollout = module_jit(_decode_fn, static_argnames=("config",), donate_argnames=("cache",))
 
 
 def generate(
-    model,  # AlpamayoR1 (uses .vlm and .config) or Qwen3VL (then pass position_ids, rope_deltas)
-    input_ids,  # (C, L) int: fused prompt ids, equal length for every clip
-    pixel_values,  # (P, F) float: all images of all clips, in order
-    image_grid_thw,  # (I, 3) int: one (t, h, w) row per image; made static
+    model: SplitModule[AlpamayoR1],
+    inputs: ModelInputs,
     *,
     config: GenerationConfig,
     key: jax.Array | None = None,  # PRNG key; required when sampling
     num_samples: int = 1,
-    position_ids=None,  # (3, C, L) from get_rope_index; computed here when omitted
-    rope_deltas=None,  # (C, 1) or (C,)
-    duplicate_prompts: bool = False,
 ) -> GenerationResult:
-    """Prefill then decode `num_samples` rollouts per clip; returns B = C * num_samples rows.
+    """Prefill then decode `num_samples` rollouts per clip; returns B = C * num_samples rows
+    (clip-major: row = clip * num_samples + sample).
 
-    Two compiled programs: the prefill (per prompt shape, image grid, capacity, num_samples) and
-    the decode loop (per row count, capacity, config); both are reused across calls. The same key
-    gives the same result; greedy decoding ignores it.
+    Two compiled programs: the prefill (per input shapes and image grid, capacity, num_samples)
+    and the decode loop (per row count, capacity, config); both are reused across calls. The same
+    key gives the same result; greedy decoding ignores it.
     """
-    vlm = getattr(model, "vlm", model)
-    input_ids = np.asarray(input_ids)
-    if input_ids.ndim != 2:
-        raise ValueError(f"input_ids must be (clips, length), got {input_ids.shape}")
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     if config.sampling.do_sample and key is None:
         raise ValueError("sampling needs a PRNG key")
-    if key is None:
-        key = jax.random.key(0)
-    grid = as_image_grid(image_grid_thw)
-    check_image_placeholders(input_ids, vlm.image_token_id, vlm.num_visual_tokens(grid))
-    if position_ids is None:
-        alpamayo_config = getattr(model, "config", None)
-        if not hasattr(alpamayo_config, "vision_start_token_id"):
-            raise ValueError("pass position_ids and rope_deltas (get_rope_index) with a bare Qwen3VL")
-        position_ids, rope_deltas = get_rope_index(
-            input_ids, np.asarray(grid), spatial_merge_size=vlm.vision_config.spatial_merge_size,
-            image_token_id=vlm.image_token_id, vision_start_token_id=alpamayo_config.vision_start_token_id,
-        )
-    elif rope_deltas is None:
-        raise ValueError("position_ids given without rope_deltas")
-    position_ids = np.asarray(position_ids)
-    rope_deltas = np.asarray(rope_deltas).reshape(-1)
-    pixel_values = np.asarray(pixel_values)
-
-    broadcast = num_samples
-    if duplicate_prompts and num_samples > 1:
-        merge = vlm.vision_config.spatial_merge_size
-        per_image = [t * h * w // merge**2 for t, h, w in grid]
-        input_ids, pixel_values, grid, position_ids, rope_deltas = _duplicate_prompts(
-            input_ids, pixel_values, grid, position_ids, rope_deltas, num_samples, per_image,
-            vlm.image_token_id)
-        broadcast = 1
-
-    prompt_length = input_ids.shape[1]
-    capacity = prompt_length + config.max_new_tokens - 1
-    prompt_stop_index = np.full(input_ids.shape[0], -1, np.int32)
-    if config.stop_after_token_id is not None:
-        is_stop = input_ids == config.stop_after_token_id
-        prompt_stop_index = np.where(is_stop.any(axis=1), np.argmax(is_stop, axis=1), -1).astype(np.int32)
-    prompt_stop_index = np.repeat(prompt_stop_index, broadcast)
-
-    graphdef, params = nnx.split(vlm)
-    cache, first_logits, deltas = _prefill(
-        graphdef, params, jnp.asarray(input_ids, jnp.int32), jnp.asarray(pixel_values),
-        jnp.asarray(position_ids, jnp.int32), jnp.asarray(rope_deltas, jnp.int32),
-        image_grid_thw=grid, capacity=capacity, num_samples=broadcast,
-    )
-    return _decode(graphdef, params, cache, first_logits, deltas, key, jnp.asarray(prompt_stop_index),
-                   config=config)
+    capacity = inputs.prompt_length + config.max_new_tokens - 1
+    cache, first_logits, rope_deltas, prompt_stop_index = prefill(
+        model, inputs, capacity=capacity, num_samples=num_samples, stop_token_id=config.stop_after_token_id)
+    return decode_rollout(model, cache, first_logits, rope_deltas, jax.random.key(0) if key is None else key,
+                          prompt_stop_index, config=config)

@@ -25,7 +25,7 @@ from alpamayo_jax.io.weight_map import (
     to_checkpoint_layout,
     to_param_layout,
 )
-from alpamayo_jax.nn.variables import Buffer
+from alpamayo_jax.nn.variables import module_variables
 
 # (parameter path, value in parameter layout and dtype) -> the array to store (e.g. device_put with
 # the parameter's sharding). The default puts it on the default device.
@@ -47,12 +47,6 @@ class Assignment:
     key: str  # checkpoint key
     path: str  # parameter path
     rule: Rule
-
-
-def module_variables(module: nnx.Module) -> dict[str, nnx.Variable]:
-    """'a.b.kernel' -> the `nnx.Param` or `Buffer` at that path."""
-    state = nnx.state(module, nnx.Any(nnx.Param, Buffer))
-    return {".".join(str(p) for p in path): v for path, v in nnx.to_flat_state(state)}
 
 
 def candidates(key: str, rules: Iterable[Rule]) -> list[tuple[Rule, str]]:

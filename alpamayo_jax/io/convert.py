@@ -13,17 +13,18 @@ from pathlib import Path
 import numpy as np
 
 from alpamayo_jax.config import AlpamayoConfig
-from alpamayo_jax.io.assign import Assignment, module_variables, plan_assignment, read_assignment
+from alpamayo_jax.io.assign import Assignment, plan_assignment, read_assignment
+from alpamayo_jax.nn.variables import module_variables
+from alpamayo_jax.io.atomic import atomic_directory
 from alpamayo_jax.io.bundle import (
     PARAMS_DIR,
-    atomic_directory,
     param_group,
     save_param_group,
     write_bundle_files,
 )
 from alpamayo_jax.io.hf import abstract_model, read_hf_config
 from alpamayo_jax.io.weight_map import alpamayo_rules
-from alpamayo_jax.processing.prompt import load_chat_template
+from alpamayo_jax.processing.chat_template import load_chat_template
 from alpamayo_jax.processing.tokenizer import build_tokenizer
 
 # Files of a processor directory copied as they are; the tokenizer is written extended.

@@ -22,6 +22,7 @@ from flax import nnx
 
 from alpamayo_jax.config import AlpamayoConfig, ConfigError, load_preset_json
 from alpamayo_jax.io.assign import Assignment, Placement, export_tensors, load_tensors_into
+from alpamayo_jax.io.atomic import atomic_directory
 from alpamayo_jax.io.safetensors import DTYPES, CheckpointReader, write_safetensors
 from alpamayo_jax.io.weight_map import alpamayo_rules
 from alpamayo_jax.models.alpamayo import AlpamayoR1
@@ -186,12 +187,14 @@ def load_hf_checkpoint(
     return model, config
 
 
-def save_hf_checkpoint(model: AlpamayoR1, out_dir: str | os.PathLike, config: dict) -> Path:
+def save_hf_checkpoint(model: AlpamayoR1, out_dir: str | os.PathLike, config: dict, *,
+                       force: bool = False) -> Path:
     """Writes the model back as `model.safetensors` with the reference's key names, plus its
-    Alpamayo `config.json`, into a new directory."""
+    Alpamayo `config.json`, into a new directory that appears only when complete. An existing
+    `out_dir` raises FileExistsError unless `force` (then it is replaced)."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=False)
-    write_safetensors(out_dir / "model.safetensors", export_tensors(model, alpamayo_rules()),
-                      metadata={"format": "pt"})
-    (out_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    with atomic_directory(out_dir, force=force) as staging:
+        write_safetensors(staging / "model.safetensors", export_tensors(model, alpamayo_rules()),
+                          metadata={"format": "pt"})
+        (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return out_dir

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from alpamayo_jax.inference.kv_cache import KVCache
+from alpamayo_jax.models.kv_cache import KVCache
 from alpamayo_jax.models.text import DecoderOutput, TextDecoder
 from alpamayo_jax.nn.attention import bias_from_mask
 

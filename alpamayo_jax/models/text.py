@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from alpamayo_jax.config import DecoderConfig, TextConfig
-from alpamayo_jax.inference.kv_cache import KVCache
+from alpamayo_jax.models.kv_cache import KVCache
 from alpamayo_jax.nn.attention import bias_from_mask, causal_mask
 from alpamayo_jax.nn.axes import axes
 from alpamayo_jax.nn.decoder_layer import DecoderLayer

@@ -5,7 +5,7 @@ Images have data-dependent sizes. Everything that depends on them (position-tabl
 rotary positions, attention segments) is derived on the host from `image_grid_thw`, which is
 therefore a *static* argument: a hashable tuple of (t, h, w) patch grids, one per image. Under
 `jax.jit` a model compiles once per distinct grid tuple (one shape bucket per camera/resolution
-preset); `encode_images` is that jitted entry point.
+preset).
 
 Patch order: the processor emits each image's patches grouped by 2x2 merge block (block rows,
 block columns, then the 2x2 patches inside a block), so four consecutive rows form one merged
@@ -377,42 +377,3 @@ class VisionModel(nnx.Module):
         if return_intermediates:
             intermediates = VisionIntermediates(patch_embeds, position_embeds, angles, tuple(block_outputs))
         return VisionOutput(image_embeds, deepstack_embeds, intermediates)
-
-
-# ---------------------------------------------------------------------------------------------
-# Jitted entry point
-# ---------------------------------------------------------------------------------------------
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "image_grid_thw", "return_intermediates"))
-def encode_images_pure(
-    graphdef: nnx.GraphDef,
-    state: nnx.State,
-    pixel_values: jax.Array,
-    image_grid_thw: ImageGrid,
-    return_intermediates: bool = False,
-) -> VisionOutput:
-    """`VisionModel.__call__` as a pure jitted function of (graphdef, state) = `nnx.split(model)`.
-
-    Compiles once per (model structure, image grid tuple, pixel shape/dtype); the grid must be in
-    the hashable form of `as_image_grid`.
-    """
-    return nnx.merge(graphdef, state)(pixel_values, image_grid_thw,
-                                      return_intermediates=return_intermediates)
-
-
-def encode_images(
-    model: VisionModel,
-    pixel_values: jax.Array,  # (P, C)
-    image_grid_thw,  # (I, 3) array or nested sequence; made static
-    *,
-    return_intermediates: bool = False,
-) -> VisionOutput:
-    """Jitted vision forward: splits the module and calls `encode_images_pure`.
-
-    Repeated calls with the same grid (e.g. 16 camera frames of one resolution) reuse one
-    compiled executable; a new grid compiles a new one.
-    """
-    graphdef, state = nnx.split(model)
-    return encode_images_pure(graphdef, state, pixel_values, as_image_grid(image_grid_thw),
-                              return_intermediates)

@@ -12,7 +12,6 @@ V vocabulary, J DeepStack feature sets.
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple, Protocol
 
 import jax
@@ -21,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from alpamayo_jax.config import TextConfig, VisionConfig
-from alpamayo_jax.inference.kv_cache import KVCache
+from alpamayo_jax.models.kv_cache import KVCache
 from alpamayo_jax.models.text import CausalLM, LMOutput
 from alpamayo_jax.models.vision import ImageGrid, VisionModel, as_image_grid, num_visual_tokens
 
@@ -157,45 +156,3 @@ class Qwen3VL(CausalLM):
             deepstack_embeds=deepstack_embeds, last_logits_only=last_logits_only,
             return_layer_outputs=return_layer_outputs,
         )
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "image_grid_thw", "last_logits_only",
-                                             "return_layer_outputs"))
-def multimodal_forward_pure(
-    graphdef: nnx.GraphDef,
-    state: nnx.State,
-    input_ids: jax.Array,  # (B, T)
-    pixel_values: jax.Array,  # (P, C)
-    image_grid_thw: ImageGrid,
-    position_ids: jax.Array,  # (3, B, T)
-    cache: KVCache | None = None,
-    last_logits_only: bool = False,
-    return_layer_outputs: bool = False,
-) -> LMOutput:
-    """`Qwen3VL.__call__` with images as a pure jitted function of `nnx.split(model)`; compiles
-    once per (model structure, grid tuple, input shapes). Does not check placeholders (ids are
-    traced): use `multimodal_forward`."""
-    model = nnx.merge(graphdef, state)
-    return model(input_ids, pixel_values=pixel_values, image_grid_thw=image_grid_thw,
-                 position_ids=position_ids, cache=cache, last_logits_only=last_logits_only,
-                 return_layer_outputs=return_layer_outputs)
-
-
-def multimodal_forward(
-    model: Qwen3VL,
-    input_ids,  # (B, T)
-    pixel_values,  # (P, C)
-    image_grid_thw,  # (I, 3), made static
-    position_ids,  # (3, B, T)
-    *,
-    cache: KVCache | None = None,
-    last_logits_only: bool = False,
-    return_layer_outputs: bool = False,
-) -> LMOutput:
-    """Jitted multimodal forward (prefill when `cache` is given): checks the placeholder count on
-    the host, then calls `multimodal_forward_pure`."""
-    grid = as_image_grid(image_grid_thw)
-    check_image_placeholders(input_ids, model.image_token_id, model.num_visual_tokens(grid))
-    graphdef, state = nnx.split(model)
-    return multimodal_forward_pure(graphdef, state, jnp.asarray(input_ids), jnp.asarray(pixel_values), grid,
-                                   jnp.asarray(position_ids), cache, last_logits_only, return_layer_outputs)

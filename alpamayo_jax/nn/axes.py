@@ -7,8 +7,6 @@ library decides placement.
 
 from __future__ import annotations
 
-from flax import nnx
-
 # name -> what the dimension is. A parameter dimension must use one of these names.
 LOGICAL_AXES: dict[str, str] = {
     "embed": "model width of a decoder (language model or expert)",
@@ -38,11 +36,3 @@ def axes(*names: str | None) -> dict[str, tuple[str | None, ...]]:
     if unknown:
         raise ValueError(f"unknown logical axis name(s) {unknown}; known: {sorted(LOGICAL_AXES)}")
     return {"logical_axes": tuple(names)}
-
-
-def param_logical_axes(module: nnx.Module) -> dict[str, tuple[str | None, ...] | None]:
-    """Maps each parameter path ('a.b.kernel') to its logical axes (None where missing)."""
-    result = {}
-    for path, variable in nnx.to_flat_state(nnx.state(module, nnx.Param)):
-        result[".".join(str(p) for p in path)] = variable.get_metadata().get("logical_axes")
-    return result

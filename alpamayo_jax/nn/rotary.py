@@ -55,18 +55,6 @@ def mrope_cos_sin(
     return _cos_sin(angles, dtype)
 
 
-def rope_cos_sin(
-    position_ids: jax.Array,  # (B, T) int
-    *,
-    head_dim: int,
-    theta: float,
-    dtype: jnp.dtype,
-) -> tuple[jax.Array, jax.Array]:
-    """1-D RoPE tables: cos, sin of shape (B, T, head_dim) in `dtype`."""
-    inv_freq = jnp.asarray(inverse_frequencies(head_dim, theta))
-    return _cos_sin(position_ids.astype(jnp.float32)[..., None] * inv_freq, dtype)
-
-
 def _cos_sin(angles: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
     emb = jnp.concatenate([angles, angles], axis=-1)
     return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)

@@ -138,15 +138,3 @@ def _check_placeholders(rows, runs, grids, spatial_merge_size, vision_start_toke
                     f"{tuple(int(v) for v in grids[image])} needs {int(tokens_per_image[image])}"
                 )
             image += 1
-
-
-def decode_position_ids(
-    rope_deltas: np.ndarray,  # (B, 1) int
-    start: int,
-    length: int = 1,
-) -> np.ndarray:  # (3, B, length) int64
-    """Positions of tokens at absolute sequence indices start .. start + length - 1 after the
-    prompt: index j gets j + rope_delta on all three axes."""
-    deltas = np.asarray(rope_deltas, dtype=np.int64).reshape(-1, 1)
-    positions = np.arange(start, start + length, dtype=np.int64)[None] + deltas
-    return np.broadcast_to(positions, (3,) + positions.shape).copy()

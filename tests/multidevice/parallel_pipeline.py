@@ -2,7 +2,6 @@
 (rows over `data`, parameters over `model`) gives the single-device tokens and trajectories.
 Prints JSON."""
 
-import dataclasses
 import json
 import os
 import sys
@@ -22,13 +21,11 @@ jax.config.update("jax_default_matmul_precision", "highest")
 from workload import Workload  # noqa: E402
 
 from alpamayo_jax.config import alpamayo_r1_10b  # noqa: E402
-from alpamayo_jax.inference.generation import GenerationConfig, _prefill, generate  # noqa: E402
+from alpamayo_jax.inference.generation import GenerationConfig, generate, prefill  # noqa: E402
 from alpamayo_jax.inference.pipeline import Pipeline  # noqa: E402
-from alpamayo_jax.io.assign import module_variables  # noqa: E402
+from alpamayo_jax.nn.variables import module_variables  # noqa: E402
 from alpamayo_jax.io.convert import convert_checkpoint  # noqa: E402
 from alpamayo_jax.models.alpamayo import AlpamayoR1  # noqa: E402
-from alpamayo_jax.models.vision import as_image_grid  # noqa: E402
-from alpamayo_jax.processing.rope_index import get_rope_index  # noqa: E402
 from alpamayo_jax.sharding import (  # noqa: E402
     LOGICAL_RULES,
     VOCAB_WIDTH_FALLBACK,
@@ -49,8 +46,7 @@ def kv_cache_placement(pipeline, inputs):
     config = GenerationConfig.for_alpamayo(pipeline.config, pad_token_id=pipeline.tokenizer.pad_token_id,
                                            max_new_tokens=4)
     with pipeline.on_mesh():
-        cache = generate(pipeline.model, inputs["fused_input_ids"], inputs["pixel_values"],
-                         inputs["image_grid_thw"], config=config, key=jax.random.key(0), num_samples=4).cache
+        cache = generate(pipeline.split, inputs, config=config, key=jax.random.key(0), num_samples=4).cache
     spec = list(cache.k.sharding.spec)
     return {"spec": spec + [None] * (cache.k.ndim - len(spec)), "shape": list(cache.k.shape),
             "block": list(cache.k.addressable_shards[0].data.shape)}
@@ -58,14 +54,9 @@ def kv_cache_placement(pipeline, inputs):
 
 def prefill_flops_per_device(pipeline, inputs):
     """XLA's count of floating-point operations per device of the 2-clip multimodal prefill."""
-    grid = as_image_grid(inputs["image_grid_thw"])
-    positions, deltas = get_rope_index(inputs["fused_input_ids"], np.asarray(grid), spatial_merge_size=2,
-                                       image_token_id=pipeline.config.image_token_id,
-                                       vision_start_token_id=pipeline.config.vision_start_token_id)
-    graphdef, params = nnx.split(pipeline.model.vlm)
     with pipeline.on_mesh():
-        compiled = _prefill.lower(graphdef, params, inputs["fused_input_ids"], inputs["pixel_values"], positions,
-                                  deltas.reshape(-1), image_grid_thw=grid, capacity=300, num_samples=4).compile()
+        compiled = prefill.lower(pipeline.split, inputs, capacity=300, num_samples=4,
+                                 stop_token_id=pipeline.config.traj_token_ids.future_start).compile()
     cost = compiled.cost_analysis()
     return float((cost[0] if isinstance(cost, list) else cost)["flops"])
 
@@ -91,16 +82,17 @@ for preset in ["model2", "data2", "data8", "data2_model2", "data4_model2", "mode
     if preset == "model2":  # each tensor streamed straight into its sharding
         pipeline = load(mesh)
         shardings = param_shardings(pipeline.model, mesh)
-    elif vocab_width:
-        pipeline = dataclasses.replace(load(), mesh=mesh)
-        shardings = {}
-        for path, variable in module_variables(pipeline.model).items():
-            names = variable.get_metadata()["logical_axes"]
-            shardings[path] = NamedSharding(mesh, expected_spec(names, vocab_width=True))
-            variable.set_value(jax.device_put(variable.get_value(), shardings[path]))
-    else:  # or a loaded model moved afterwards
-        pipeline = dataclasses.replace(load(), mesh=mesh)
-        shardings = shard_model(pipeline.model, mesh)
+    else:  # or a loaded model moved afterwards (then split again: a pipeline is immutable)
+        loaded = load()
+        if vocab_width:
+            shardings = {}
+            for path, variable in module_variables(loaded.model).items():
+                names = variable.get_metadata()["logical_axes"]
+                shardings[path] = NamedSharding(mesh, expected_spec(names, vocab_width=True))
+                variable.set_value(jax.device_put(variable.get_value(), shardings[path]))
+        else:
+            shardings = shard_model(loaded.model, mesh)
+        pipeline = Pipeline.from_model(loaded.model, loaded.tokenizer, loaded.chat_template, mesh)
     placed_as_table = all(
         variable.get_value().sharding.spec == expected_spec(variable.get_metadata()["logical_axes"], vocab_width)
         for path, variable in module_variables(pipeline.model).items())

@@ -1,0 +1,152 @@
+"""The model's inputs for a batch of clips: one validated pytree, built once on the host.
+
+    clips (cameras + ego history)  --prepare_inputs-->  ModelInputs  --> generate / pipeline
+    recorded processor outputs     --inputs_from_recorded-->  ModelInputs
+
+`assemble_inputs` is the one place where prompts, pixels, image grids and histories are checked
+against each other and against the model config, the history tokens are fused into the prompts,
+the image grid is normalised to its static tuple form and the multimodal rotary positions are
+computed. Everything downstream takes a `ModelInputs` as it is: no conversions, no re-checks.
+
+Shapes: C clips, L prompt length, P patch rows of all images (clip-major), F flattened patch,
+T history poses, N images.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import chex
+import numpy as np
+from flax import struct
+
+from alpamayo_jax.config import AlpamayoConfig
+from alpamayo_jax.models.vision import ImageGrid, as_image_grid, num_patches
+from alpamayo_jax.processing.chat_template import PromptError
+from alpamayo_jax.processing.prompt import encode_prompt, fuse_history_tokens, history_tokens
+from alpamayo_jax.processing.rope_index import get_rope_index
+from alpamayo_jax.processing.tokenizer import ExtendedTokenizer
+
+if TYPE_CHECKING:
+    from alpamayo_jax.processing.clip import Clip
+    from alpamayo_jax.processing.recorded_inputs import RecordedInputs
+
+
+@struct.dataclass
+class ModelInputs:
+    """Processed inputs of C clips (host numpy arrays; a pytree, with the image grid static).
+
+    Rows are clips. Every clip's prompt has the same length (clips of one batch have equal image
+    sizes); the pixel rows of all images of all clips are concatenated in clip order.
+    """
+
+    input_ids: np.ndarray  # (C, L) int32: prompts with the history tokens fused in
+    pixel_values: np.ndarray  # (P, F) float32
+    position_ids: np.ndarray  # (3, C, L) int32: multimodal rotary positions (t, h, w)
+    rope_deltas: np.ndarray  # (C,) int32: max position + 1 - L
+    ego_history_xyz: np.ndarray  # (C, T, 3) float32, t0 ego frame
+    ego_history_rot: np.ndarray  # (C, T, 3, 3) float32
+    image_grid: ImageGrid = struct.field(pytree_node=False)  # N x (t, h, w) patches, static
+
+    @property
+    def num_clips(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def prompt_length(self) -> int:
+        return self.input_ids.shape[1]
+
+
+def assemble_inputs(
+    prompt_ids,  # (C, L) int: tokenised prompts with history placeholders
+    pixel_values,  # (P, F) float32
+    image_grid_thw,  # (N, 3) int
+    ego_history_xyz,  # (C, T, 3) float
+    ego_history_rot,  # (C, T, 3, 3) float
+    *,
+    config: AlpamayoConfig,
+) -> ModelInputs:
+    """Checks, fuses and positions the inputs of C clips (see the module docstring). Raises
+    `PromptError` naming what does not fit."""
+    ids = np.asarray(prompt_ids)
+    if ids.ndim != 2 or ids.shape[1] == 0 or ids.dtype.kind not in "iu":
+        raise PromptError(f"prompt ids must be a (clips, length) integer array, got {ids.dtype} {ids.shape}")
+    pixels = np.asarray(pixel_values)
+    if pixels.dtype != np.float32:
+        raise PromptError(f"pixel_values must be float32, got {pixels.dtype}")
+    grid = as_image_grid(image_grid_thw)
+    if pixels.shape != (num_patches(grid), config.vision.patch_dim):
+        raise PromptError(
+            f"pixel_values must be (sum of t*h*w over the images, C*T*P*P) = "
+            f"{(num_patches(grid), config.vision.patch_dim)}, got {pixels.shape}")
+    if not np.isfinite(pixels).all():
+        raise PromptError("pixel_values hold NaN or infinite values")
+    clips = ids.shape[0]
+    xyz, rot = np.asarray(ego_history_xyz), np.asarray(ego_history_rot)
+    if xyz.ndim != 3 or xyz.shape[0] != clips:
+        raise PromptError(f"ego_history_xyz must be ({clips}, T, 3) for {clips} prompts, got {xyz.shape}")
+    if rot.shape[:1] != (clips,):
+        raise PromptError(f"ego_history_rot must be ({clips}, T, 3, 3) for {clips} prompts, got {rot.shape}")
+    bins = np.stack([history_tokens(xyz[c], rot[c], config) for c in range(clips)])
+    fused = fuse_history_tokens(ids, bins + config.history_token_start_idx,
+                                placeholder_id=config.traj_token_ids.history)
+    # Also checks that the placeholders of every image match its grid.
+    position_ids, rope_deltas = get_rope_index(
+        fused, np.asarray(grid), spatial_merge_size=config.vision.spatial_merge_size,
+        image_token_id=config.image_token_id, vision_start_token_id=config.vision_start_token_id)
+    inputs = ModelInputs(
+        input_ids=fused.astype(np.int32),
+        pixel_values=pixels,
+        position_ids=position_ids.astype(np.int32),
+        rope_deltas=rope_deltas.reshape(-1).astype(np.int32),
+        ego_history_xyz=xyz.astype(np.float32),
+        ego_history_rot=rot.astype(np.float32),
+        image_grid=grid,
+    )
+    check_inputs(inputs)
+    return inputs
+
+
+def check_inputs(inputs: ModelInputs) -> None:
+    """Asserts the shapes and dtypes a `ModelInputs` promises (an `AssertionError` is a bug in
+    whatever built it; user input is checked by `assemble_inputs`)."""
+    clips, length = inputs.input_ids.shape
+    history = inputs.ego_history_xyz.shape[1]
+    chex.assert_shape(inputs.position_ids, (3, clips, length))
+    chex.assert_shape(inputs.rope_deltas, (clips,))
+    chex.assert_shape(inputs.ego_history_xyz, (clips, history, 3))
+    chex.assert_shape(inputs.ego_history_rot, (clips, history, 3, 3))
+    chex.assert_shape(inputs.pixel_values, (num_patches(inputs.image_grid), None))
+    chex.assert_type([inputs.input_ids, inputs.position_ids, inputs.rope_deltas], np.int32)
+    chex.assert_type([inputs.pixel_values, inputs.ego_history_xyz, inputs.ego_history_rot], np.float32)
+
+
+def prepare_inputs(clips: Sequence[Clip], *, tokenizer: ExtendedTokenizer, chat_template: str,
+                   config: AlpamayoConfig) -> ModelInputs:
+    """The model inputs of C clips (`alpamayo_jax.processing.clip.Clip`), processed as the
+    reference's processor does. The clips' prompts must come out the same length (equal image
+    sizes)."""
+    if not clips:
+        raise PromptError("no clips to prepare")
+    encoded = [encode_prompt(clip.camera_frames, tokenizer=tokenizer, chat_template=chat_template, config=config)
+               for clip in clips]
+    lengths = sorted({ids.size for ids, _, _ in encoded})
+    if len(lengths) != 1:
+        raise PromptError(f"clips give prompts of different lengths {lengths}; batch clips whose cameras have "
+                          "the same image sizes")
+    return assemble_inputs(
+        np.stack([ids for ids, _, _ in encoded]),
+        np.concatenate([pixels for _, pixels, _ in encoded]),
+        np.concatenate([grid for _, _, grid in encoded]),
+        np.stack([clip.ego_history_xyz for clip in clips]),
+        np.stack([clip.ego_history_rot for clip in clips]),
+        config=config,
+    )
+
+
+def inputs_from_recorded(recorded: RecordedInputs, config: AlpamayoConfig) -> ModelInputs:
+    """The model inputs of one recorded sample (the reference processor's outputs, e.g. for exact
+    parity runs; `alpamayo_jax.processing.recorded_inputs`)."""
+    return assemble_inputs(recorded.input_ids, recorded.pixel_values, recorded.image_grid_thw,
+                           recorded.ego_history_xyz[None], recorded.ego_history_rot[None], config=config)
