@@ -31,7 +31,6 @@ from flax import nnx
 
 from alpamayo_jax.config import AlpamayoConfig
 from alpamayo_jax.io.assign import WeightMapError
-from alpamayo_jax.io.atomic import atomic_directory  # noqa: F401  (re-exported: bundles are written through it)
 from alpamayo_jax.nn.variables import module_variables
 from alpamayo_jax.models.alpamayo import AlpamayoR1
 from alpamayo_jax.sharding import param_shardings
