@@ -23,7 +23,7 @@ from alpamayo_jax.inference.flow_matching import (
     time_grid,
 )
 from alpamayo_jax.models.kv_cache import KVCache
-from alpamayo_jax.models.expert import expert_attention_bias, expert_context, run_expert
+from alpamayo_jax.models.expert import expert_attention_bias, expert_context, run_expert, visible_cache_columns
 from tests.parity import assert_close, fixture_cache
 
 NUM_WAYPOINTS = 64
@@ -36,7 +36,8 @@ def reference_cache(golden, length: int, capacity: int | None = None) -> KVCache
     `capacity` slots of which the first `length` are filled."""
     k, v = fixture_cache(golden, "k", length), fixture_cache(golden, "v", length)
     pad = [(0, 0), (0, 0), (0, (capacity or length) - length), (0, 0), (0, 0)]
-    return KVCache(k=jnp.asarray(np.pad(k, pad)), v=jnp.asarray(np.pad(v, pad)),
+    mask = np.arange(capacity or length)[None] < length
+    return KVCache(k=jnp.asarray(np.pad(k, pad)), v=jnp.asarray(np.pad(v, pad)), mask=jnp.asarray(mask),
                    length=jnp.asarray(length, jnp.int32))
 
 
@@ -112,7 +113,7 @@ def test_rows_with_different_offsets_are_independent(tiny_model, golden):
     equals a single-row run on a cache cut at that offset."""
     cache = reference_cache(golden, MAIN_CACHE_LENGTH)
     two_rows = KVCache(k=jnp.concatenate([cache.k, cache.k], axis=1), v=jnp.concatenate([cache.v, cache.v], axis=1),
-                       length=cache.length)
+                       mask=jnp.concatenate([cache.mask, cache.mask]), length=cache.length)
     rope_deltas = jnp.asarray(np.repeat(golden["gen.rope_deltas"][:, 0], 2))
     noise = jnp.asarray(np.concatenate([golden["diffusion.noise"]] * 2))
     t = jnp.full((2,), 0.3)
@@ -127,7 +128,7 @@ def test_rows_with_different_offsets_are_independent(tiny_model, golden):
 
 def test_expert_never_sees_unfilled_or_masked_slots(golden):
     cache = reference_cache(golden, MAIN_CACHE_LENGTH, capacity=270)
-    bias = np.asarray(expert_attention_bias(jnp.array([300, 100]), cache, 4))  # (2, 1, 1, 274)
+    bias = np.asarray(expert_attention_bias(visible_cache_columns(cache, jnp.array([300, 100])), 4))  # (2, 1, 1, 274)
     visible = bias[:, 0, 0] == 0
     assert visible[0, :MAIN_CACHE_LENGTH].all() and not visible[0, MAIN_CACHE_LENGTH:270].any()
     assert visible[1, :100].all() and not visible[1, 100:270].any()

@@ -18,7 +18,7 @@ from alpamayo_jax.processing.clip import (
 )
 from alpamayo_jax.processing.clip_file import load_clip, save_clip
 from alpamayo_jax.processing.image import MAX_ASPECT_RATIO
-from alpamayo_jax.processing.synthetic import arc_history, synthetic_clip
+from alpamayo_jax.processing.synthetic import arc_future, arc_history, synthetic_clip
 
 
 def _frames(shape=(4, 4, 3, 8, 12), seed=0):
@@ -49,6 +49,10 @@ def _assert_clips_equal(a: Clip, b: Clip):
     np.testing.assert_array_equal(a.ego_history_rot, b.ego_history_rot)
     np.testing.assert_array_equal(a.timestamps, b.timestamps)
     assert a.camera_names == b.camera_names
+    assert a.has_ground_truth == b.has_ground_truth
+    if a.has_ground_truth:
+        np.testing.assert_array_equal(a.ego_future_xyz, b.ego_future_xyz)
+        np.testing.assert_array_equal(a.ego_future_rot, b.ego_future_rot)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -74,6 +78,7 @@ def test_optional_fields_may_be_absent(tmp_path):
         assert sorted(archive.files) == ["camera_frames", "ego_history_rot", "ego_history_xyz"]
     loaded = load_clip(tmp_path / "clip.npz")
     assert loaded.timestamps is None and loaded.camera_names is None
+    assert not loaded.has_ground_truth and loaded.ego_future_xyz is None and loaded.ego_future_rot is None
     _assert_clips_equal(loaded, clip)
 
 
@@ -554,3 +559,212 @@ def test_aspect_ratio_at_the_limit_is_accepted():
     assert clip.camera_frames[3].shape == (4, 3, 1, MAX_ASPECT_RATIO)
     with pytest.raises(ClipError, match=r"^camera_frames\[1\]: aspect ratio of a 201x1 image exceeds 200"):
         Clip.create([_frames((4, 3, 8, 12)), _frames((4, 3, 201, 1))] + [_frames((4, 3, 8, 12))] * 2, xyz, rot)
+
+
+# ---------------------------------------------------------------------------------------------
+# Ground truth: the future poses, optional, checked like the history
+# ---------------------------------------------------------------------------------------------
+
+
+def _future(n=64):
+    return arc_future(5.0, 0.02, num_future=n)  # continues _history()
+
+
+def _future_args(xyz=None, rot=None, **changes):
+    future_xyz, future_rot = _future()
+    return _args(ego_future_xyz=future_xyz if xyz is None else xyz,
+                 ego_future_rot=future_rot if rot is None else rot, **changes)
+
+
+def _future_rot_with(pose, matrix):
+    rot = _future()[1].copy()
+    rot[pose] = matrix
+    return rot
+
+
+def _future_xyz_with_nan(pose):
+    xyz = _future()[0].copy()
+    xyz[pose, 0] = np.nan
+    return xyz
+
+
+def _future_jump(metres):
+    xyz = _future()[0].copy()
+    xyz[32:, 0] += metres  # poses 32.. lie `metres` further ahead: a jump between poses 31 and 32
+    return xyz
+
+
+def test_ground_truth_round_trip(tmp_path):
+    clip = synthetic_clip(3, with_future=True)
+    assert clip.has_ground_truth
+    path = tmp_path / "clip.npz"
+    save_clip(path, clip)
+    with np.load(path) as archive:
+        assert {"ego_future_xyz", "ego_future_rot"} <= set(archive.files)
+        assert archive["ego_future_xyz"].shape == (64, 3) and archive["ego_future_rot"].shape == (64, 3, 3)
+    loaded = load_clip(path)
+    assert loaded.has_ground_truth
+    assert loaded.ego_future_xyz.dtype == np.float32 and loaded.ego_future_rot.dtype == np.float32
+    _assert_clips_equal(loaded, clip)
+
+
+def test_clip_without_ground_truth_saves_no_future_keys(tmp_path):
+    clip = synthetic_clip(3)
+    assert not clip.has_ground_truth and clip.ego_future_xyz is None and clip.ego_future_rot is None
+    save_clip(tmp_path / "clip.npz", clip)
+    with np.load(tmp_path / "clip.npz") as archive:
+        assert not any(key.startswith("ego_future") for key in archive.files)
+    assert not load_clip(tmp_path / "clip.npz").has_ground_truth
+
+
+def test_future_is_converted_copied_and_read_only():
+    xyz, rot = (array.astype(np.float64) for array in _future())
+    clip = Clip.create(**_future_args(xyz=xyz, rot=rot.tolist()))
+    assert clip.ego_future_xyz.dtype == np.float32 and clip.ego_future_rot.dtype == np.float32
+    assert not clip.ego_future_xyz.flags.writeable and not clip.ego_future_rot.flags.writeable
+    xyz[0, 0] = np.nan
+    assert np.isfinite(clip.ego_future_xyz).all()
+    np.testing.assert_array_equal(clip.ego_future_rot, _future()[1])
+
+
+def test_future_survives_camera_reordering():
+    names = tuple(CAMERA_NAMES[c] for c in _PERMUTATION)
+    clip = Clip.create(**_future_args(camera_names=names))
+    assert clip.camera_names == CAMERA_NAMES and clip.has_ground_truth
+    np.testing.assert_array_equal(clip.ego_future_xyz, _future()[0])
+
+
+def test_future_count_is_configurable():
+    xyz, rot = _future(10)
+    clip = Clip.create(**_future_args(xyz=xyz, rot=rot), num_future=10)
+    validate_clip(clip, num_future=None)
+    with pytest.raises(ClipError, match="^ego_future_xyz: expected 64 poses, got 10$"):
+        validate_clip(clip)
+    validate_clip(synthetic_clip(), num_future=10)  # no ground truth: nothing to count
+
+
+@pytest.mark.parametrize(
+    "changes, match",
+    [
+        ({"xyz": _future()[0][:, :2]}, r"^ego_future_xyz: expected shape \(N, 3\), got \(64, 2\)"),
+        ({"xyz": _future()[0][None]},
+         r"^ego_future_xyz: expected shape \(N, 3\).*drop the leading batch axes"),
+        ({"rot": _future()[1][:63]},
+         r"^ego_future_rot: expected shape \(64, 3, 3\) \(one rotation per position\)"),
+        ({"xyz": _future(63)[0], "rot": _future(63)[1]}, "^ego_future_xyz: expected 64 poses, got 63$"),
+        ({"xyz": _future(65)[0], "rot": _future(65)[1]}, "^ego_future_xyz: expected 64 poses, got 65$"),
+        ({"xyz": np.full((64, 3), "a")}, "^ego_future_xyz: expected real numbers"),
+        ({"xyz": _future_xyz_with_nan(40)}, r"^ego_future_xyz: NaN or infinite values at pose\(s\) \[40\]$"),
+        ({"rot": _future_rot_with(5, np.full((3, 3), np.nan))},
+         r"^ego_future_rot: NaN or infinite values at pose\(s\) \[5\]$"),
+        ({"rot": _future_rot_with(12, 1.01 * np.eye(3))},
+         r"^ego_future_rot: pose\(s\) \[12\] are not rotations: max \|R R\^T - I\|"),
+        ({"rot": _future_rot_with(63, np.diag([1.0, -1.0, 1.0]))},
+         r"^ego_future_rot: pose\(s\) \[63\] are not proper rotations: det R = \[-1.0\]"),
+        ({"xyz": _future_jump(100.0)},
+         (r"^ego_future_xyz: 1 of 64 steps faster than MAX_SPEED = 100 m/s \(360 km/h\), "
+          r"first poses 31 -> 32: 100.5 m in 0.1 s = 1005 m/s")),
+        ({"xyz": _future()[0] + [100.0, 0.0, 0.0]},
+         (r"^ego_future_xyz: 1 of 64 steps faster than MAX_SPEED = 100 m/s \(360 km/h\), "
+          r"first poses t0 -> 0: 100.5 m in 0.1 s = 1005 m/s "
+          r".*pose 0 at t0 \+ 0.1 s, t0 the last history pose")),
+        ({"xyz": arc_future(300.0, 0.0)[0]},
+         r"^ego_future_xyz: 64 of 64 steps faster than MAX_SPEED .* first poses t0 -> 0: 30 m in 0.1 s"),
+    ],
+    ids=["xyz shape", "batch axis", "rot shape", "63 poses", "65 poses", "not numbers", "NaN position",
+         "NaN rotation", "scaled rotation", "reflection", "100 m jump", "jump from the origin",
+         "steady 300 m/s"],
+)
+def test_invalid_future_raises(changes, match):
+    with pytest.raises(ClipError, match=match):
+        Clip.create(**_future_args(**changes))
+
+
+@pytest.mark.parametrize(
+    "given, missing", [("ego_future_xyz", "ego_future_rot"), ("ego_future_rot", "ego_future_xyz")]
+)
+def test_future_is_both_arrays_or_neither(given, missing):
+    future = dict(zip(("ego_future_xyz", "ego_future_rot"), _future(), strict=True))
+    match = rf"^{missing}: missing while {given} is given; the ground-truth future is both"
+    with pytest.raises(ClipError, match=match):
+        Clip.create(**_args(**{given: future[given]}))
+    with pytest.raises(ClipError, match=match):
+        validate_clip(Clip(**_args(**{given: future[given]})))
+
+
+def test_validate_clip_checks_directly_built_futures():
+    with pytest.raises(ClipError, match="^ego_future_xyz: expected a numpy array"):
+        validate_clip(Clip(**_future_args(xyz=_future()[0].tolist())))
+    with pytest.raises(ClipError, match="^ego_future_rot: expected floating-point values, got dtype int64"):
+        validate_clip(Clip(**_future_args(rot=np.zeros((64, 3, 3), np.int64))))
+    validate_clip(Clip(**_future_args(timestamps=np.array(FRAME_TIMESTAMPS))))
+
+
+def test_first_future_step_starts_at_the_last_history_pose():
+    # 9.9 m from t0 to the first future pose is 99 m/s; 10.1 m is over MAX_SPEED = 100 m/s.
+    xyz = np.zeros((64, 3), np.float32)
+    rot = np.broadcast_to(np.eye(3, dtype=np.float32), (64, 3, 3))
+    Clip.create(**_future_args(xyz=xyz + [9.9, 0.0, 0.0], rot=rot))  # then standing still
+    with pytest.raises(ClipError, match="first poses t0 -> 0: 10.1 m in 0.1 s = 101 m/s"):
+        Clip.create(**_future_args(xyz=xyz + [10.1, 0.0, 0.0], rot=rot))
+
+
+@pytest.mark.parametrize(
+    "future",
+    [arc_future(80.0, 0.0), arc_future(-4.0, 0.02), arc_future(0.0, 0.0), arc_future(0.99 * MAX_SPEED, 0.0)],
+    ids=["80 m/s", "reversing", "standing still", "just below the maximum"],
+)
+def test_possible_futures_pass(future):
+    validate_clip(Clip.create(**_future_args(xyz=future[0], rot=future[1])))
+
+
+def _write_future_npz(path, **changes):
+    xyz, rot = _future()
+    _write_npz(path, **{"ego_future_xyz": xyz, "ego_future_rot": rot, **changes})
+
+
+@pytest.mark.parametrize(
+    "changes, match",
+    [
+        ({"ego_future_rot": None},
+         (r"missing key\(s\) \['ego_future_rot'\]: ego_future_xyz is given, and the ground-truth future "
+          r"is both ego_future_xyz and ego_future_rot or neither")),
+        ({"ego_future_xyz": None}, r"missing key\(s\) \['ego_future_xyz'\]: ego_future_rot is given"),
+        ({"ego_future_xyz": _future(63)[0], "ego_future_rot": _future(63)[1]},
+         "ego_future_xyz: expected 64 poses, got 63"),
+        ({"ego_future_xyz": _future()[0][:, :2]}, r"ego_future_xyz: expected shape \(N, 3\)"),
+        ({"ego_future_xyz": _future_xyz_with_nan(7)},
+         r"ego_future_xyz: NaN or infinite values at pose\(s\) \[7\]"),
+        ({"ego_future_rot": _future_rot_with(9, 2 * np.eye(3))},
+         r"ego_future_rot: pose\(s\) \[9\] are not rotations"),
+        ({"ego_future_xyz": _future_jump(100.0)}, "ego_future_xyz: 1 of 64 steps .* first poses 31 -> 32"),
+        ({"ego_future_xyz": _future()[0] + [100.0, 0.0, 0.0]},
+         "ego_future_xyz: 1 of 64 steps .* first poses t0 -> 0"),
+        ({"ego_future_rot": np.empty((64, 3, 3), dtype=object)}, "ego_future_rot: cannot read the array"),
+    ],
+    ids=["only xyz", "only rot", "63 poses", "xyz shape", "NaN position", "not a rotation", "100 m jump",
+         "jump from the origin", "object array"],
+)
+def test_load_clip_future_errors_name_file_and_field(tmp_path, changes, match):
+    path = tmp_path / "bad.npz"
+    _write_future_npz(path, **changes)
+    with pytest.raises(ClipError, match=re.escape(str(path)) + ": " + match) as error:
+        load_clip(path)
+    _assert_names_once(error, path)
+
+
+def test_load_clip_future_count_is_configurable(tmp_path):
+    path = tmp_path / "short.npz"
+    xyz, rot = _future(20)
+    _write_future_npz(path, ego_future_xyz=xyz, ego_future_rot=rot)
+    assert load_clip(path, num_future=20).ego_future_xyz.shape == (20, 3)
+    assert load_clip(path, num_future=None).has_ground_truth
+    with pytest.raises(ClipError, match="ego_future_xyz: expected 64 poses, got 20"):
+        load_clip(path)
+
+
+def test_invalid_future_is_not_saved(tmp_path):
+    clip = Clip(**_future_args(xyz=_future_jump(100.0)))
+    with pytest.raises(ClipError, match="ego_future_xyz: 1 of 64 steps"):
+        save_clip(tmp_path / "clip.npz", clip)
+    assert os.listdir(tmp_path) == []

@@ -138,6 +138,7 @@ def duplicate_prompts(inputs: ModelInputs, num_samples: int) -> ModelInputs:
     pixels = inputs.pixel_values.reshape(inputs.num_clips, rows, -1)
     return ModelInputs(
         input_ids=np.repeat(inputs.input_ids, num_samples, axis=0),
+        attention_mask=np.repeat(inputs.attention_mask, num_samples, axis=0),
         pixel_values=np.repeat(pixels, num_samples, axis=0).reshape(-1, pixels.shape[-1]),
         position_ids=np.repeat(inputs.position_ids, num_samples, axis=1),
         rope_deltas=np.repeat(inputs.rope_deltas, num_samples),
@@ -150,6 +151,7 @@ def duplicate_prompts(inputs: ModelInputs, num_samples: int) -> ModelInputs:
 def concatenate(*clips: ModelInputs) -> ModelInputs:
     return ModelInputs(
         input_ids=np.concatenate([c.input_ids for c in clips]),
+        attention_mask=np.concatenate([c.attention_mask for c in clips]),
         pixel_values=np.concatenate([c.pixel_values for c in clips]),
         position_ids=np.concatenate([c.position_ids for c in clips], axis=1),
         rope_deltas=np.concatenate([c.rope_deltas for c in clips]),

@@ -170,3 +170,30 @@ def test_demo_command(tmp_path):
     # The demo's budget and the reference's sampling; 10 flow steps from the embedded checkpoint.
     assert result["settings"] == {"num_samples": 2, "greedy": False, "temperature": 0.6, "top_p": 0.98,
                                   "top_k": None, "max_new_tokens": 32, "num_flow_steps": 10}
+
+
+def test_clips_of_different_sizes_share_a_left_padded_batch(pipeline, golden, history, inputs):
+    """A smaller clip is padded on the left next to the fixture's: the pads are masked in the
+    prefill, the decode steps and the expert, so each row equals its own run (greedy, same noise)."""
+    from alpamayo_jax.processing.synthetic import synthetic_clip
+
+    small = synthetic_clip(3, image_size=(32, 32))
+    fixture_clip = Clip.create(golden["input.image_frames"], history[0][0], history[1][0])
+    batch = pipeline.prepare([fixture_clip, small])
+    alone = pipeline.prepare(small)
+    padding = batch.prompt_length - alone.prompt_length
+    assert padding > 0 and not batch.attention_mask[1, :padding].any() and batch.attention_mask[0].all()
+    np.testing.assert_array_equal(batch.input_ids[1, padding:], alone.input_ids[0])
+    np.testing.assert_array_equal(batch.rope_deltas[1], alone.rope_deltas[0] - padding)
+
+    settings = greedy(pipeline, 12)
+    noise = np.random.default_rng(0).normal(size=(2, 64, 2)).astype(np.float32)
+    together = sample_from_inputs(pipeline, batch, jax.random.key(0), settings, noise=noise)
+    first = sample_from_inputs(pipeline, inputs, jax.random.key(0), settings, noise=noise[:1])
+    second = sample_from_inputs(pipeline, alone, jax.random.key(0), settings, noise=noise[1:])
+    for row, own in ((0, first), (1, second)):
+        # The batch runs until its slowest row stops; a row's tokens equal its own run up to its stop.
+        mine = own.generated_token_ids[0][0]
+        assert together.generated_token_ids[row][0][:len(mine)] == mine
+        assert_close(together.actions[row], own.actions[0], 1e-5, f"row {row} actions, batched vs alone")
+        assert_close(together.xyz[row], own.xyz[0], 1e-5, f"row {row} xyz, batched vs alone")

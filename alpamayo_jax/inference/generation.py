@@ -285,8 +285,9 @@ def _prefill_fn(model: AlpamayoR1, inputs: ModelInputs, *, capacity: int, num_sa
     input_ids = constrain(inputs.input_ids, ("batch", "sequence"), replicate_uneven=True)
     position_ids = constrain(inputs.position_ids, (None, "batch", "sequence"), replicate_uneven=True)
     pixel_values = constrain(inputs.pixel_values, ("image_patches", None), replicate_uneven=True)
+    attention_mask = constrain(inputs.attention_mask, ("batch", "sequence"), replicate_uneven=True)
     out = vlm(input_ids, pixel_values=pixel_values, image_grid_thw=inputs.image_grid,
-              position_ids=position_ids, last_logits_only=True)
+              position_ids=position_ids, attention_mask=attention_mask, last_logits_only=True)
     if stop_token_id is None:
         prompt_stop_index = jnp.full(input_ids.shape[:1], -1, jnp.int32)
     else:  # the reference searches the whole sequence, prompt included
@@ -298,7 +299,8 @@ def _prefill_fn(model: AlpamayoR1, inputs: ModelInputs, *, capacity: int, num_sa
         k, v = jnp.repeat(k, num_samples, axis=1), jnp.repeat(v, num_samples, axis=1)
         logits, rope_deltas = jnp.repeat(logits, num_samples, axis=0), jnp.repeat(rope_deltas, num_samples)
         prompt_stop_index = jnp.repeat(prompt_stop_index, num_samples)
-    cache = vlm.init_cache(logits.shape[0], capacity).append(k, v)
+        attention_mask = jnp.repeat(attention_mask, num_samples, axis=0)
+    cache = vlm.init_cache(logits.shape[0], capacity).append(k, v, attention_mask)
     return cache, logits, rope_deltas.astype(jnp.int32), prompt_stop_index
 
 

@@ -33,7 +33,8 @@ class ExpertContext:
     k: jax.Array  # (L, B, S, K, H) cached keys, read only
     v: jax.Array  # (L, B, S, K, H) cached values, read only
     position_ids: jax.Array  # (3, B, T)
-    bias: jax.Array  # (B, 1, 1, S + T) additive attention bias, the same for every action token
+    bias: jax.Array  # (B, 1, 1, S + T) additive attention bias, the same for every action token, or
+    #                  (B, 1, T, S + T) when the action tokens attend causally (the reference's training)
 
 
 def expert_position_ids(offsets: jax.Array, rope_deltas: jax.Array, num_tokens: int) -> jax.Array:
@@ -42,22 +43,34 @@ def expert_position_ids(offsets: jax.Array, rope_deltas: jax.Array, num_tokens: 
     return jnp.broadcast_to(positions.astype(jnp.int32), (3, *positions.shape))
 
 
-def expert_attention_bias(offsets: jax.Array, cache: KVCache, num_tokens: int) -> jax.Array:
-    """(B, 1, 1, S + T) additive bias: cache column s is visible to row i iff
-    s < min(offset_i, cache length); the action tokens are fully visible to each other."""
-    visible_prefix = jnp.arange(cache.capacity)[None, :] < jnp.minimum(offsets, cache.length)[:, None]
-    mask = jnp.concatenate([visible_prefix, jnp.ones((offsets.shape[0], num_tokens), bool)], axis=1)
+def expert_attention_bias(visible_prefix: jax.Array, num_tokens: int, *, causal: bool = False) -> jax.Array:
+    """Additive bias over [prefix (S) || action tokens (T)] from `visible_prefix` (B, S) bool:
+    (B, 1, 1, S + T) with the action tokens fully visible to each other, or with `causal`
+    (B, 1, T, S + T), action token k seeing action tokens 0..k only."""
+    batch = visible_prefix.shape[0]
+    if causal:
+        actions = jnp.broadcast_to(jnp.tril(jnp.ones((num_tokens, num_tokens), bool)), (batch, num_tokens, num_tokens))
+        prefix = jnp.broadcast_to(visible_prefix[:, None, :], (batch, num_tokens, visible_prefix.shape[1]))
+        return bias_from_mask(jnp.concatenate([prefix, actions], axis=2)[:, None])
+    mask = jnp.concatenate([visible_prefix, jnp.ones((batch, num_tokens), bool)], axis=1)
     return bias_from_mask(mask[:, None, None, :])
+
+
+def visible_cache_columns(cache: KVCache, offsets: jax.Array) -> jax.Array:
+    """(B, S) bool: cache column s is visible to row i iff s < min(offset_i, cache length) and
+    it holds a real token (not left padding)."""
+    before_offset = jnp.arange(cache.capacity)[None, :] < jnp.minimum(offsets, cache.length)[:, None]
+    return before_offset & cache.mask
 
 
 def expert_context(cache: KVCache, offsets: jax.Array, rope_deltas: jax.Array, num_tokens: int) -> ExpertContext:
     """Builds the expert's view of `cache` for rows with the given `offsets` (B,) and
-    `rope_deltas` (B,)."""
+    `rope_deltas` (B,): the inference view, action tokens attending to each other in full."""
     return ExpertContext(
         k=cache.k,
         v=cache.v,
         position_ids=expert_position_ids(offsets, rope_deltas, num_tokens),
-        bias=expert_attention_bias(offsets, cache, num_tokens),
+        bias=expert_attention_bias(visible_cache_columns(cache, offsets), num_tokens),
     )
 
 

@@ -11,42 +11,46 @@ from flax import struct
 
 from alpamayo_jax.sharding import KV_CACHE_AXES, constrain
 
+# Logical axes of the cache's slot mask (B, S).
+KV_MASK_AXES = ("batch", "cache_length")
+
 
 @struct.dataclass
 class KVCache:
     """Keys (after k_norm and rotary) and values of every layer, filled up to `length`.
 
-    All rows share one length: prompts of one batch have equal length, and rows that finished
-    generating keep being fed padding, as in the reference. Under a mesh (`jax.set_mesh`), rows are
-    split over `data` and key/value heads over `model` (`alpamayo_jax.sharding.KV_CACHE_AXES`).
+    All rows share one length: prompts of one batch have one (left-padded) length, and rows that
+    finished generating keep being fed padding, as in the reference. `mask` says which filled
+    slots hold real tokens: left padding is written but never attended to. Under a mesh
+    (`jax.set_mesh`), rows are split over `data` and key/value heads over `model`
+    (`alpamayo_jax.sharding.KV_CACHE_AXES`).
     """
 
     k: jax.Array  # (L, B, S, K, H)
     v: jax.Array  # (L, B, S, K, H)
+    mask: jax.Array  # (B, S) bool: the slot holds a token that may be attended to
     length: jax.Array  # () int32: number of filled slots
 
     @classmethod
     def empty(cls, *, num_layers: int, batch: int, capacity: int, num_kv_heads: int, head_dim: int,
               dtype=jnp.float32) -> KVCache:
         shape = (num_layers, batch, capacity, num_kv_heads, head_dim)
-        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), mask=jnp.zeros((batch, capacity), bool),
                    length=jnp.zeros((), jnp.int32)).constrained()
 
     def constrained(self) -> KVCache:
         """The cache pinned to its placement on the current mesh (unchanged without one)."""
         return self.replace(k=constrain(self.k, KV_CACHE_AXES, name="KV cache keys"),
-                            v=constrain(self.v, KV_CACHE_AXES, name="KV cache values"))
+                            v=constrain(self.v, KV_CACHE_AXES, name="KV cache values"),
+                            mask=constrain(self.mask, KV_MASK_AXES, name="KV cache mask"))
 
     @property
     def capacity(self) -> int:
         return self.k.shape[2]
 
-    def valid_mask(self) -> jax.Array:
-        """(S,) bool: which slots hold tokens."""
-        return jnp.arange(self.capacity) < self.length
-
-    def append(self, k_new: jax.Array, v_new: jax.Array) -> KVCache:
-        """Writes (L, B, T, K, H) new keys/values at `length` and advances it by T.
+    def append(self, k_new: jax.Array, v_new: jax.Array, mask_new: jax.Array | None = None) -> KVCache:
+        """Writes (L, B, T, K, H) new keys/values at `length` and advances it by T; `mask_new`
+        (B, T) bool marks which of them may be attended to (default: all).
 
         Writing past `capacity` would be clamped silently by XLA, so a concrete overflow raises here;
         inside jit the caller sizes the cache (generation allocates prompt + max_new_tokens).
@@ -56,9 +60,12 @@ class KVCache:
             raise ValueError(
                 f"KV cache overflow: {int(self.length)} + {num_new} tokens > capacity {self.capacity}"
             )
+        if mask_new is None:
+            mask_new = jnp.ones(k_new.shape[1:3], bool)
         start = (0, 0, self.length, 0, 0)
         return KVCache(
             k=jax.lax.dynamic_update_slice(self.k, k_new.astype(self.k.dtype), start),
             v=jax.lax.dynamic_update_slice(self.v, v_new.astype(self.v.dtype), start),
+            mask=jax.lax.dynamic_update_slice(self.mask, mask_new.astype(bool), (0, self.length)),
             length=self.length + num_new,
         ).constrained()

@@ -113,12 +113,15 @@ class CausalLM(nnx.Module):
         *,
         inputs_embeds: jax.Array | None = None,  # (B, T, D)
         position_ids: jax.Array | None = None,  # (3, B, T); default: consecutive from the cache length
+        attention_mask: jax.Array | None = None,  # (B, T) bool: false on left padding; default all true
         cache: KVCache | None = None,
         deepstack_embeds: jax.Array | None = None,  # (J, B, T, D), zero outside visual tokens
         last_logits_only: bool = False,
         return_layer_outputs: bool = False,
     ) -> LMOutput:
-        """Causal forward over T new tokens, attending to the cache (if any) and to themselves."""
+        """Causal forward over T new tokens, attending to the cache's real tokens (if any) and to
+        themselves; no token attends to padding (`attention_mask` false), whose keys the cache
+        keeps marked as such."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         if inputs_embeds is None:
@@ -130,22 +133,27 @@ class CausalLM(nnx.Module):
             position_ids = jnp.broadcast_to(positions, (3, batch, num_new))
         if position_ids.shape != (3, batch, num_new):
             raise ValueError(f"position_ids must be (3, {batch}, {num_new}), got {position_ids.shape}")
+        if attention_mask is None:
+            attention_mask = jnp.ones((batch, num_new), bool)
+        elif attention_mask.shape != (batch, num_new):
+            raise ValueError(f"attention_mask must be ({batch}, {num_new}), got {attention_mask.shape}")
+        attention_mask = attention_mask.astype(bool)
 
-        mask = causal_mask(num_new)  # (T, T)
+        mask = causal_mask(num_new)[None] & attention_mask[:, None, :]  # (B, T, T)
         prefix_kv = None
         if cache is not None:
-            prefix_valid = jnp.broadcast_to(cache.valid_mask(), (num_new, cache.capacity))
-            mask = jnp.concatenate([prefix_valid, mask], axis=1)  # (T, S + T)
+            prefix = jnp.broadcast_to(cache.mask[:, None, :], (batch, num_new, cache.capacity))
+            mask = jnp.concatenate([prefix, mask], axis=2)  # (B, T, S + T)
             prefix_kv = (cache.k, cache.v)
         out = self.language_model(
-            inputs_embeds, position_ids, bias_from_mask(mask)[None, None], prefix_kv,
+            inputs_embeds, position_ids, bias_from_mask(mask)[:, None], prefix_kv,
             deepstack_embeds, return_layer_outputs,
         )
         hidden = out.hidden_states[:, -1:] if last_logits_only else out.hidden_states
         return LMOutput(
             logits=self.lm_head(hidden),
             hidden_states=out.hidden_states,
-            cache=None if cache is None else cache.append(out.k, out.v),
+            cache=None if cache is None else cache.append(out.k, out.v, attention_mask),
             k=out.k,
             v=out.v,
             layer_outputs=out.layer_outputs,

@@ -132,6 +132,7 @@ class Qwen3VL(CausalLM):
         image_grid_thw: ImageGrid | None = None,  # static (I, 3)
         inputs_embeds: jax.Array | None = None,  # (B, T, D)
         position_ids: jax.Array | None = None,  # (3, B, T); required with pixel_values
+        attention_mask: jax.Array | None = None,  # (B, T) bool: false on left padding
         cache: KVCache | None = None,
         deepstack_embeds: jax.Array | None = None,  # (J, B, T, D)
         last_logits_only: bool = False,
@@ -152,7 +153,8 @@ class Qwen3VL(CausalLM):
             mm = self.embed_multimodal(input_ids, pixel_values, image_grid_thw)
             input_ids, inputs_embeds, deepstack_embeds = None, mm.inputs_embeds, mm.deepstack_embeds
         return super().__call__(
-            input_ids, inputs_embeds=inputs_embeds, position_ids=position_ids, cache=cache,
+            input_ids, inputs_embeds=inputs_embeds, position_ids=position_ids, attention_mask=attention_mask,
+            cache=cache,
             deepstack_embeds=deepstack_embeds, last_logits_only=last_logits_only,
             return_layer_outputs=return_layer_outputs,
         )

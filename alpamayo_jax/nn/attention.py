@@ -35,8 +35,14 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Ar
     """softmax(q k^T / sqrt(H) + bias) v with GQA; softmax in float32.
 
     q (B, T, N, H); k, v (B, S, K, H); bias broadcastable to (B, N, T, S). Returns (B, T, N, H).
+    A query that may attend to no key at all (left padding) gets zeros, as PyTorch's attention
+    with a boolean mask gives: a bias of MASK_VALUE everywhere would instead attend to every key.
     """
-    return jax.nn.dot_product_attention(q, k, v, bias=bias, scale=q.shape[-1] ** -0.5)
+    out = jax.nn.dot_product_attention(q, k, v, bias=bias, scale=q.shape[-1] ** -0.5)
+    if bias is None:
+        return out
+    attends = jnp.any(bias > MASK_VALUE, axis=-1, keepdims=True)  # (B | 1, N | 1, T | 1, 1)
+    return jnp.where(jnp.swapaxes(attends, 1, 2), out, jnp.zeros((), out.dtype))
 
 
 class Attention(nnx.Module):

@@ -1,14 +1,15 @@
 """Driving clips on the host (numpy only): what the model sees at time t0, and the checks on it.
 
 A `Clip` is C cameras x F frames of uint8 RGB images and the ego vehicle's last T poses, all
-relative to t0, the time the model predicts from. `Clip.create` converts and checks its arguments
+relative to t0, the time the model predicts from; for training and evaluation also its next N poses,
+the ground truth of the prediction. `Clip.create` converts and checks its arguments
 (and puts named cameras in their canonical order); `validate_clip` re-checks a clip. The `.npz`
 clip file format and `save_clip` / `load_clip` are in `alpamayo_jax.processing.clip_file`,
 deterministic demo clips in `alpamayo_jax.processing.synthetic`, and already-processed model
 inputs (for exact parity runs) in `alpamayo_jax.processing.recorded_inputs`.
 
 Shapes: C cameras (4), F frames per camera (4), H_c x W_c pixels of camera c's frames (cameras may
-differ, the frames of one camera may not), T history poses (16).
+differ, the frames of one camera may not), T history poses (16), N future poses (64).
 
 Cameras are in the reference's camera-index order: cross_left_120fov (index 0), front_wide_120fov
 (1), cross_right_120fov (2), front_tele_30fov (6) (`CAMERA_NAMES`); the model sees them in this
@@ -25,6 +26,12 @@ ego frame: p_local = R_t0^-1 (p - p_t0), R_local = R_t0^-1 R, so the last positi
 history was made relative to the full t0 pose; the reference fixture's last rotation carries a
 small pitch, so that is not required. No step between consecutive poses may be faster than
 `MAX_SPEED`. Standing still, reversing and any speed up to it are fine.
+
+The ground truth (`ego_future_xyz`, `ego_future_rot`; optional, both or neither,
+`Clip.has_ground_truth`) is the ego poses at t0 + 0.1 ... t0 + 6.4 s for N = 64: every
+`HISTORY_DT`, oldest first, starting one step after t0, in the same t0 ego frame as the history.
+Its motion is checked like the history's: no step between consecutive future poses, nor the step
+from the last history pose (t0, the origin) to the first future pose, faster than `MAX_SPEED`.
 """
 
 from __future__ import annotations
@@ -67,12 +74,14 @@ class ClipError(ValueError):
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Clip:
-    """One driving sample: camera frames and ego history (see the module docstring).
+    """One driving sample: camera frames, ego history and optionally the ground-truth future (see
+    the module docstring).
 
     Build with `Clip.create`, which converts and checks the arguments. `camera_frames` is a
     (C, F, 3, H, W) uint8 array, or, when camera sizes differ, a tuple of C (F, 3, H_c, W_c) uint8
     arrays; `camera_frames[c][f]` is a (3, H_c, W_c) frame either way. Cameras are in the
-    canonical order (`CAMERA_NAMES`, of which `camera_names` is then a subsequence). Arrays are
+    canonical order (`CAMERA_NAMES`, of which `camera_names` is then a subsequence).
+    `ego_future_xyz` / `ego_future_rot` are both None in a clip without ground truth. Arrays are
     read-only.
     """
 
@@ -81,6 +90,13 @@ class Clip:
     ego_history_rot: np.ndarray = dataclasses.field(repr=False)  # (T, 3, 3) float32
     timestamps: np.ndarray | None = None  # (F,) float64 seconds relative to t0
     camera_names: tuple[str, ...] | None = None  # (C,) in canonical order
+    ego_future_xyz: np.ndarray | None = dataclasses.field(default=None, repr=False)  # (N, 3) float32
+    ego_future_rot: np.ndarray | None = dataclasses.field(default=None, repr=False)  # (N, 3, 3) float32
+
+    @property
+    def has_ground_truth(self) -> bool:
+        """Whether the clip carries the ground-truth future (`ego_future_xyz` and `ego_future_rot`)."""
+        return self.ego_future_xyz is not None and self.ego_future_rot is not None
 
     @classmethod
     def create(
@@ -91,14 +107,19 @@ class Clip:
         *,
         timestamps=None,
         camera_names=None,
+        ego_future_xyz=None,
+        ego_future_rot=None,
         num_cameras: int | None = 4,
         num_frames: int | None = 4,
         num_history: int | None = 16,
+        num_future: int | None = 64,
     ) -> Clip:
         """A checked clip from array-likes.
 
         `camera_frames` is a 5-D uint8 array or nested sequences (cameras, then frames) of images,
-        each (3, H, W) or (H, W, 3). Histories of any real dtype are converted to float32.
+        each (3, H, W) or (H, W, 3). Histories and futures of any real dtype are converted to
+        float32; the future (`ego_future_xyz` and `ego_future_rot`, ground truth) is optional, both or
+        neither.
         `camera_names`, one per camera, may be in any order: the cameras are put in the canonical
         order (the frames of the camera named X at X's position in `CAMERA_NAMES`) and the clip's
         `camera_names` are that order. The counts are checked as in `validate_clip`; errors index
@@ -108,15 +129,22 @@ class Clip:
             camera_frames=_frames_channels_first(camera_frames),
             ego_history_xyz=_real_array("ego_history_xyz", ego_history_xyz, np.float32),
             ego_history_rot=_real_array("ego_history_rot", ego_history_rot, np.float32),
-            timestamps=None if timestamps is None else _real_array("timestamps", timestamps, np.float64),
+            timestamps=_optional_real_array("timestamps", timestamps, np.float64),
             camera_names=None if camera_names is None else _names(camera_names),
+            ego_future_xyz=_optional_real_array("ego_future_xyz", ego_future_xyz, np.float32),
+            ego_future_rot=_optional_real_array("ego_future_rot", ego_future_rot, np.float32),
         )
-        _validate(clip, num_cameras, num_frames, num_history, canonical_order=False)
+        _validate(clip, num_cameras, num_frames, num_history, num_future, canonical_order=False)
         return _in_canonical_order(clip)
 
 
 def validate_clip(
-    clip: Clip, *, num_cameras: int | None = 4, num_frames: int | None = 4, num_history: int | None = 16
+    clip: Clip,
+    *,
+    num_cameras: int | None = 4,
+    num_frames: int | None = 4,
+    num_history: int | None = 16,
+    num_future: int | None = 64,
 ) -> None:
     """Raises `ClipError`, naming the field, unless `clip` is a valid clip with these counts
     (a count of None accepts any positive count).
@@ -126,9 +154,13 @@ def validate_clip(
     (T, 3, 3) rotations, all finite, each rotation with |R R^T - I| and |det R - 1| within
     `ROTATION_TOLERANCE`, the last position the origin within `ORIGIN_TOLERANCE` and no step
     faster than `MAX_SPEED`; F strictly increasing timestamps, each within `TIMESTAMP_TOLERANCE`
-    of its frame time; C known, distinct camera names in the canonical order of `CAMERA_NAMES`.
+    of its frame time; C known, distinct camera names in the canonical order of `CAMERA_NAMES`;
+    a ground-truth future given in full (both arrays or neither) and checked like the history:
+    (N, 3) positions and (N, 3, 3) rotations, finite, proper rotations, and no step faster than
+    `MAX_SPEED`, counting the step from the last history pose to the first future pose.
+    `num_future` only applies to a clip with ground truth.
     """
-    _validate(clip, num_cameras, num_frames, num_history, canonical_order=True)
+    _validate(clip, num_cameras, num_frames, num_history, num_future, canonical_order=True)
 
 
 def check_poses(xyz: np.ndarray, rot: np.ndarray, *, prefix: str = "ego_history") -> None:
@@ -172,7 +204,13 @@ def read_only(array: np.ndarray) -> np.ndarray:
 
 
 def _validate(
-    clip: Clip, num_cameras: int | None, num_frames: int | None, num_history: int | None, *, canonical_order: bool
+    clip: Clip,
+    num_cameras: int | None,
+    num_frames: int | None,
+    num_history: int | None,
+    num_future: int | None,
+    *,
+    canonical_order: bool,
 ) -> None:
     """`validate_clip`; with `canonical_order=False` named cameras may be in any order (the
     check `Clip.create` runs before reordering them)."""
@@ -212,18 +250,21 @@ def _validate(
             label = name if names is None else f"{name} ({names[c]})"
             raise ClipError(f"{label}: {error}") from None
 
-    xyz = _array_field("ego_history_xyz", clip.ego_history_xyz)
-    rot = _array_field("ego_history_rot", clip.ego_history_rot)
-    if xyz.ndim != 2 or xyz.shape[1] != 3:
-        raise ClipError(f"ego_history_xyz: expected shape (T, 3), got {xyz.shape}{_squeeze_hint(xyz, 2)}")
-    _check_count("ego_history_xyz", "poses", xyz.shape[0], num_history)
-    if rot.shape != (xyz.shape[0], 3, 3):
+    xyz = _checked_poses("ego_history", "T", clip.ego_history_xyz, clip.ego_history_rot, num_history)
+    _check_origin(xyz)
+    _check_speed("ego_history_xyz", xyz)
+
+    future = {"ego_future_xyz": clip.ego_future_xyz, "ego_future_rot": clip.ego_future_rot}
+    given = [name for name, value in future.items() if value is not None]
+    if len(given) == 1:
+        (missing,) = future.keys() - given
         raise ClipError(
-            f"ego_history_rot: expected shape {(xyz.shape[0], 3, 3)} (one rotation per position), "
-            f"got {rot.shape}{_squeeze_hint(rot, 3)}"
+            f"{missing}: missing while {given[0]} is given; the ground-truth future is both "
+            "ego_future_xyz and ego_future_rot or neither"
         )
-    check_poses(xyz, rot)
-    _check_motion(xyz)
+    if given:
+        future_xyz = _checked_poses("ego_future", "N", clip.ego_future_xyz, clip.ego_future_rot, num_future)
+        _check_speed("ego_future_xyz", future_xyz, start=xyz[-1])
 
     if clip.timestamps is not None:
         _check_timestamps(_array_field("timestamps", clip.timestamps), len(cameras[0]))
@@ -251,8 +292,25 @@ def _check_camera_names(names, num_cameras: int, *, canonical_order: bool) -> No
         )
 
 
-def _check_motion(xyz: np.ndarray) -> None:
-    """The history ends at the origin and moves no faster than `MAX_SPEED` ((T, 3) metres)."""
+def _checked_poses(prefix: str, symbol: str, xyz, rot, count: int | None) -> np.ndarray:
+    """`<prefix>_xyz` is a (`symbol`, 3) float array of `count` positions (None: any positive
+    count) and `<prefix>_rot` one rotation per position, checked by `check_poses`; returns xyz."""
+    xyz = _array_field(f"{prefix}_xyz", xyz)
+    rot = _array_field(f"{prefix}_rot", rot)
+    if xyz.ndim != 2 or xyz.shape[1] != 3:
+        raise ClipError(f"{prefix}_xyz: expected shape ({symbol}, 3), got {xyz.shape}{_squeeze_hint(xyz, 2)}")
+    _check_count(f"{prefix}_xyz", "poses", xyz.shape[0], count)
+    if rot.shape != (xyz.shape[0], 3, 3):
+        raise ClipError(
+            f"{prefix}_rot: expected shape {(xyz.shape[0], 3, 3)} (one rotation per position), "
+            f"got {rot.shape}{_squeeze_hint(rot, 3)}"
+        )
+    check_poses(xyz, rot, prefix=prefix)
+    return xyz
+
+
+def _check_origin(xyz: np.ndarray) -> None:
+    """The history ((T, 3) metres) ends at the origin."""
     xyz = xyz.astype(np.float64)
     offset = float(np.linalg.norm(xyz[-1]))
     if offset > ORIGIN_TOLERANCE:
@@ -261,15 +319,31 @@ def _check_motion(xyz: np.ndarray) -> None:
             f"{ORIGIN_TOLERANCE} m, got {xyz[-1].round(4).tolist()} ({offset:.4g} m away); make the history "
             "relative to t0: p_local = R_t0^-1 (p - p_t0)"
         )
-    step = np.linalg.norm(np.diff(xyz, axis=0), axis=1)
+
+
+def _check_speed(name: str, xyz: np.ndarray, *, start: np.ndarray | None = None) -> None:
+    """No step between consecutive positions of field `name` ((N, 3) metres, `HISTORY_DT` apart)
+    is faster than `MAX_SPEED`; with `start`, the position one step before xyz[0] (the last
+    history pose, t0, for a future), the step from it to xyz[0] counts too and is named
+    "t0 -> 0"."""
+    path = xyz.astype(np.float64)
+    if start is not None:
+        path = np.concatenate([np.asarray(start, np.float64)[None], path])
+    step = np.linalg.norm(np.diff(path, axis=0), axis=1)
     speed = step / HISTORY_DT
     fast = speed > MAX_SPEED
     if fast.any():
         first = int(np.argmax(fast))
+        if start is None:
+            poses, note = f"{first} -> {first + 1}", ""
+        else:  # path index i is pose i - 1 of `name`, path index 0 the t0 pose
+            poses = f"{first - 1 if first else 't0'} -> {first}"
+            note = f", pose 0 at t0 + {HISTORY_DT} s, t0 the last history pose"
         raise ClipError(
-            f"ego_history_xyz: {int(fast.sum())} of {len(step)} steps faster than MAX_SPEED = {MAX_SPEED:g} m/s "
-            f"({MAX_SPEED * 3.6:g} km/h), first poses {first} -> {first + 1}: {step[first]:.4g} m in "
-            f"{HISTORY_DT} s = {speed[first]:.4g} m/s (positions are metres, poses {HISTORY_DT} s apart)"
+            f"{name}: {int(fast.sum())} of {len(step)} steps faster than MAX_SPEED = {MAX_SPEED:g} m/s "
+            f"({MAX_SPEED * 3.6:g} km/h), first poses {poses}: {step[first]:.4g} m in "
+            f"{HISTORY_DT} s = {speed[first]:.4g} m/s (positions are metres, poses {HISTORY_DT} s "
+            f"apart{note})"
         )
 
 
@@ -409,6 +483,10 @@ def _real_array(name: str, value, dtype) -> np.ndarray:
         raise ClipError(f"{name}: expected real numbers, got dtype {array.dtype}")
     # A copy: later changes to the caller's array must not bypass the checks (histories are small).
     return read_only(array.astype(dtype))
+
+
+def _optional_real_array(name: str, value, dtype) -> np.ndarray | None:
+    return None if value is None else _real_array(name, value, dtype)
 
 
 def _names(names) -> tuple[str, ...]:

@@ -16,11 +16,19 @@ A clip file is an `.npz` archive (read with `allow_pickle=False`; compressed or 
                                                                       0.05 s)
   camera_names        str (<U..)  (C,)                                optional; names of the cameras
                                                                       in file order, any order
+  ego_future_xyz      float32     (N, 3)                              optional, with ego_future_rot;
+                                                                      ground truth: metres, t0 ego
+                                                                      frame, t0 + 0.1 ... t0 + 6.4 s
+  ego_future_rot      float32     (N, 3, 3)                           optional, with ego_future_xyz;
+                                                                      ground truth: rotation
+                                                                      matrices, t0 ego frame
 
 Other keys are rejected. An image axis of size 3 in front of H means channels-first, even when the
 last axis is 3 too (the rule of `processing.image.to_channels_first`). Without `camera_names` the
 cameras must be in the canonical order (`processing.clip.CAMERA_NAMES`); with them, `load_clip`
-puts them in it. What makes the contents valid (shapes, times, history) is in `processing.clip`.
+puts them in it. The ground-truth future is both ego_future_* keys or neither (N = 64 unless
+`load_clip` is told otherwise). What makes the contents valid (shapes, times, history, future) is
+in `processing.clip`.
 """
 
 from __future__ import annotations
@@ -36,7 +44,8 @@ from alpamayo_jax.io.atomic import write_atomically
 from alpamayo_jax.processing.clip import Clip, ClipError, validate_clip
 
 _REQUIRED_KEYS = ("ego_history_xyz", "ego_history_rot")
-_OPTIONAL_KEYS = ("timestamps", "camera_names")
+_FUTURE_KEYS = ("ego_future_xyz", "ego_future_rot")  # the ground truth: both or neither
+_OPTIONAL_KEYS = ("timestamps", "camera_names", *_FUTURE_KEYS)
 _PER_CAMERA_KEY = re.compile(r"camera_frames_(0|[1-9][0-9]*)")
 
 
@@ -44,7 +53,7 @@ def save_clip(path: str | os.PathLike, clip: Clip) -> None:
     """Writes `clip` to an uncompressed `.npz` file (format in the module docstring), atomically.
 
     The clip is checked first (any counts), so that an invalid clip is never written."""
-    validate_clip(clip, num_cameras=None, num_frames=None, num_history=None)
+    validate_clip(clip, num_cameras=None, num_frames=None, num_history=None, num_future=None)
     if isinstance(clip.camera_frames, np.ndarray):
         arrays = {"camera_frames": clip.camera_frames}
     else:
@@ -55,6 +64,9 @@ def save_clip(path: str | os.PathLike, clip: Clip) -> None:
         arrays["timestamps"] = clip.timestamps
     if clip.camera_names is not None:
         arrays["camera_names"] = np.asarray(clip.camera_names, dtype=str)
+    if clip.has_ground_truth:
+        arrays["ego_future_xyz"] = clip.ego_future_xyz
+        arrays["ego_future_rot"] = clip.ego_future_rot
     write_atomically(path, lambda file: np.savez(file, **arrays))
 
 
@@ -64,14 +76,15 @@ def load_clip(
     num_cameras: int | None = 4,
     num_frames: int | None = 4,
     num_history: int | None = 16,
+    num_future: int | None = 64,
 ) -> Clip:
     """Reads and checks a clip `.npz` file (format in the module docstring); cameras named in
     another order are put in the canonical order (`Clip.create`).
 
     Raises FileNotFoundError for a missing file, IsADirectoryError for a directory, the OSError of
     a file that cannot be opened, and `ClipError`, naming the file once and then the field, for
-    anything else: not an npz, missing or unknown keys, and every `validate_clip` problem (camera
-    indices as in the file)."""
+    anything else: not an npz, missing or unknown keys (one ego_future_* key without the other
+    among them), and every `validate_clip` problem (camera indices as in the file)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"clip file not found: {path}")
@@ -86,10 +99,10 @@ def load_clip(
         except (ValueError, OSError, EOFError, zipfile.BadZipFile) as error:
             raise ClipError(f"{path}: cannot read the .npz archive ({error})") from None
         with archive:
-            return _clip_from_archive(path, archive, num_cameras, num_frames, num_history)
+            return _clip_from_archive(path, archive, num_cameras, num_frames, num_history, num_future)
 
 
-def _clip_from_archive(path: Path, archive, num_cameras, num_frames, num_history) -> Clip:
+def _clip_from_archive(path: Path, archive, num_cameras, num_frames, num_history, num_future) -> Clip:
     keys = set(archive.files)
     per_camera = sorted(int(m.group(1)) for k in keys if (m := _PER_CAMERA_KEY.fullmatch(k)))
     unknown = keys - {*_REQUIRED_KEYS, *_OPTIONAL_KEYS, "camera_frames"} - {
@@ -110,6 +123,13 @@ def _clip_from_archive(path: Path, archive, num_cameras, num_frames, num_history
         missing.insert(0, "camera_frames")
     if missing:
         raise ClipError(f"{path}: missing key(s) {missing}")
+    future = [k for k in _FUTURE_KEYS if k in keys]
+    if len(future) == 1:
+        (absent,) = set(_FUTURE_KEYS) - set(future)
+        raise ClipError(
+            f"{path}: missing key(s) ['{absent}']: {future[0]} is given, and the ground-truth future "
+            f"is both {' and '.join(_FUTURE_KEYS)} or neither"
+        )
 
     def read(key: str) -> np.ndarray:
         try:
@@ -131,6 +151,7 @@ def _clip_from_archive(path: Path, archive, num_cameras, num_frames, num_history
         names = names.tolist()
     xyz, rot = read("ego_history_xyz"), read("ego_history_rot")
     timestamps = read("timestamps") if "timestamps" in keys else None
+    future_xyz, future_rot = (read(k) for k in _FUTURE_KEYS) if future else (None, None)
     try:  # every read is done: its errors already name the file
         return Clip.create(
             frames,
@@ -138,9 +159,12 @@ def _clip_from_archive(path: Path, archive, num_cameras, num_frames, num_history
             rot,
             timestamps=timestamps,
             camera_names=names,
+            ego_future_xyz=future_xyz,
+            ego_future_rot=future_rot,
             num_cameras=num_cameras,
             num_frames=num_frames,
             num_history=num_history,
+            num_future=num_future,
         )
     except ClipError as error:
         raise ClipError(f"{path}: {error}") from None

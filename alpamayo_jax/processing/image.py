@@ -11,6 +11,11 @@ Reproduces what `Qwen2VLImageProcessorFast` does to uint8 RGB images on CPU:
 3. values are mapped to float32 as (u8 - mean * 255) / (std * 255);
 4. the single frame is repeated to temporal_patch_size frames and cut into patches.
 
+The reference's training processor takes another route (`float_resize=True`): it scales the
+uint8 frames to float32 x / 255 first and calls the processor with `do_rescale=False`, so the
+resize runs PyTorch's float kernel (`resize_bicubic_aa_float`: the same taps with float32
+weights, no rounding or clamping) and the normalisation is (x - mean) / std.
+
 Shapes: C channels (3), H x W input pixels, h x w resized pixels, T temporal_patch_size,
 P patch_size, m spatial_merge_size, N images, S = sum over images of (h / P) * (w / P) patches.
 """
@@ -82,34 +87,66 @@ def _keys_cubic(x: np.ndarray) -> np.ndarray:
     return np.where(x < 1.0, inner, np.where(x < 2.0, outer, 0.0))
 
 
-def _resample_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, int]:
-    """Fixed-point filter taps of one axis: source indices (out, K), int16-range weights (out, K)
-    and their precision in bits. Weights beyond a row's support are 0 (their index is clamped).
+def _fused_multiply_add(a, b, c) -> np.ndarray:
+    """float32 a * b + c with an exact product (float64 holds the product of two float32 values)
+    and no float32 rounding before the sum: a fused multiply-add, up to the rare double rounding of
+    the float64 sum."""
+    product = np.asarray(a, np.float64) * np.asarray(b, np.float64)
+    return (product + np.asarray(c, np.float64)).astype(np.float32)
+
+
+def _keys_cubic_float32(x: np.ndarray) -> np.ndarray:
+    """`_keys_cubic` of float32 `x` as PyTorch's x86 builds evaluate it: in float32, each
+    `p * x + q` of the polynomials contracted to one fused multiply-add."""
+    a = np.float32(-0.5)
+    x = np.abs(x)
+    inner = _fused_multiply_add(_fused_multiply_add(a + 2, x, -(a + 3)) * x, x, np.float32(1.0))
+    outer = _fused_multiply_add(_fused_multiply_add(_fused_multiply_add(a, x, -5 * a), x, 8 * a), x, -4 * a)
+    return np.where(x < 1.0, inner, np.where(x < 2.0, outer, np.float32(0.0)))
+
+
+def _filter_weights(in_size: int, out_size: int, dtype) -> tuple[np.ndarray, np.ndarray]:
+    """Antialiased Keys-cubic filter of one axis: source indices (out, K) (not yet clamped to the
+    input) and normalised weights (out, K), 0 beyond a row's support.
+
+    PyTorch computes these in the kernel's scalar type: float64 for its uint8 kernel, float32 for
+    float32 images. `dtype` selects which; the intermediate promotions to float64 (the +0.5 terms
+    and the products with Python doubles) are reproduced for both.
     """
-    scale = in_size / out_size
+    real = np.dtype(dtype).type
+    scale = real(in_size) / real(out_size)
     # When shrinking, the kernel is stretched by the scale: that is the antialiasing.
-    support = 2.0 * scale if scale >= 1.0 else 2.0
-    invscale = 1.0 / scale if scale >= 1.0 else 1.0
+    support = real(2.0 * float(scale)) if scale >= 1.0 else real(2.0)
+    invscale = real(1.0 / float(scale)) if scale >= 1.0 else real(1.0)
     num_taps = math.ceil(support) * 2 + 1
 
-    center = scale * (np.arange(out_size) + 0.5)
+    center = (float(scale) * (np.arange(out_size) + 0.5)).astype(real)
     # astype(int64) truncates toward zero like the reference's C casts.
-    first = np.maximum((center - support + 0.5).astype(np.int64), 0)
-    count = np.minimum((center + support + 0.5).astype(np.int64), in_size) - first
+    first = np.maximum(((center - support).astype(np.float64) + 0.5).astype(np.int64), 0)
+    count = np.minimum(((center + support).astype(np.float64) + 0.5).astype(np.int64), in_size) - first
     count = np.clip(count, 0, num_taps)
     tap = np.arange(num_taps)
     source = first[:, None] + tap
-    weights = np.where(
-        tap < count[:, None], _keys_cubic((source - center[:, None] + 0.5) * invscale), 0.0
-    )
+    offset = source.astype(real) - center[:, None]
+    argument = ((offset.astype(np.float64) + 0.5) * float(invscale)).astype(real)
+    kernel = _keys_cubic_float32 if real is np.float32 else _keys_cubic
+    weights = np.where(tap < count[:, None], kernel(argument), real(0.0))
 
     # Sequential sum: numpy's pairwise reduction could round differently from the reference.
-    total = np.zeros(out_size)
+    total = np.zeros(out_size, real)
     for k in range(num_taps):
         total = total + weights[:, k]
     normalized = total != 0.0
     weights[normalized] /= total[normalized, None]
-    wt_max = float(weights[normalized].max(initial=0.0))
+    return source, weights
+
+
+def _resample_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Fixed-point filter taps of one axis (PyTorch's uint8 kernel): source indices (out, K),
+    int16-range weights (out, K) and their precision in bits. Weights beyond a row's support are
+    0 (their index is clamped)."""
+    source, weights = _filter_weights(in_size, out_size, np.float64)
+    wt_max = float(weights.max(initial=0.0))
 
     # Largest precision at which the biggest weight still fits in int16.
     precision = 0
@@ -151,6 +188,41 @@ def resize_bicubic_aa(image: np.ndarray, height: int, width: int) -> np.ndarray:
         out = _resample_axis(out, width, axis=2)
     if height != image.shape[1]:
         out = _resample_axis(out, height, axis=1)
+    return out
+
+
+def _resample_axis_float(x: np.ndarray, out_size: int, axis: int) -> np.ndarray:
+    """Resamples float32 `x` along `axis` to `out_size` samples (float32, no clamping)."""
+    source, weights = _filter_weights(x.shape[axis], out_size, np.float32)
+    source = np.minimum(source, x.shape[axis] - 1)
+    weight_shape = [1] * x.ndim
+    weight_shape[axis] = out_size
+    # Tap by tap, in order, as the reference accumulates (taps past a row's support weigh 0).
+    acc = np.take(x, source[:, 0], axis=axis) * weights[:, 0].reshape(weight_shape)
+    for k in range(1, source.shape[1]):
+        acc = acc + np.take(x, source[:, k], axis=axis) * weights[:, k].reshape(weight_shape)
+    return acc
+
+
+def resize_bicubic_aa_float(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Antialiased bicubic resize of a (C, H, W) float32 image to (C, height, width) float32.
+
+    What `torch.nn.functional.interpolate(..., mode="bicubic", antialias=True)` (torchvision's
+    `resize` of a float tensor) computes on CPU: the filter of `resize_bicubic_aa` with float32
+    weights, a width pass then a height pass, and neither rounding nor clamping, so the cubic's
+    overshoot can leave [0, 1]. The weights are PyTorch's bit for bit on x86 (fused multiply-adds
+    in the filter polynomial); the sums agree to a float32 ulp or two, as PyTorch's compiled
+    kernels fuse some of their multiply-adds and not others.
+    """
+    if image.dtype != np.float32 or image.ndim != 3:
+        raise ValueError(f"expected a (C, H, W) float32 image, got {image.dtype} {image.shape}")
+    if height <= 0 or width <= 0:
+        raise ValueError(f"output size must be positive, got {height}x{width}")
+    out = image
+    if width != image.shape[2]:
+        out = _resample_axis_float(out, width, axis=2)
+    if height != image.shape[1]:
+        out = _resample_axis_float(out, height, axis=1)
     return out
 
 
@@ -218,11 +290,18 @@ def flatten_camera_frames(frames) -> list[np.ndarray]:
 def normalize(
     image: np.ndarray, *, mean: Sequence[float] = IMAGE_MEAN, std: Sequence[float] = IMAGE_STD
 ) -> np.ndarray:
-    """(C, h, w) uint8 -> (C, h, w) float32 (u8 - mean * 255) / (std * 255).
+    """(C, h, w) uint8 -> (C, h, w) float32 (u8 - mean * 255) / (std * 255); or, for a float32
+    image already scaled to [0, 1] (the processor's `do_rescale=False`), (x - mean) / std.
 
-    The reference folds the 1/255 rescale into mean and std (float32 mean * 255 and std * 255)
-    and then subtracts and divides in float32; doing the same gives bit-identical values.
+    For uint8 the reference folds the 1/255 rescale into mean and std (float32 mean * 255 and
+    std * 255) and then subtracts and divides in float32; doing the same gives bit-identical
+    values. A float32 image is normalised as it is, subtraction then division in float32.
     """
+    if image.dtype == np.float32:
+        mean32, std32 = (np.asarray(v, np.float32)[:, None, None] for v in (mean, std))
+        return (image - mean32) / std32
+    if image.dtype != np.uint8:
+        raise ValueError(f"expected a uint8 or float32 image, got {image.dtype}")
     inverse_rescale = np.float32(1.0 / RESCALE_FACTOR)
     mean255 = (np.asarray(mean, np.float32) * inverse_rescale)[:, None, None]
     std255 = (np.asarray(std, np.float32) * inverse_rescale)[:, None, None]
@@ -246,12 +325,17 @@ def patchify(pixels: np.ndarray, vision: VisionConfig) -> np.ndarray:
 
 
 def preprocess_images(
-    images: Sequence, *, vision: VisionConfig, min_pixels: int, max_pixels: int
+    images: Sequence, *, vision: VisionConfig, min_pixels: int, max_pixels: int, float_resize: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
     """uint8 RGB images -> (pixel_values (S, C*T*P*P) float32, image_grid_thw (N, 3) int64).
 
     Each image is (3, H, W) or (H, W, 3) (see `to_channels_first` for the ambiguous case); sizes
     may differ between images. `image_grid_thw[i] = (1, h_i / P, w_i / P)` in patches.
+
+    `float_resize=False` is the inference processor (uint8 resize, `resize_bicubic_aa`);
+    `float_resize=True` the reference's training processor: the image becomes float32 u8 / 255
+    before a float resize (`resize_bicubic_aa_float`) and is then normalised from those values.
+    Without a resize the two differ only by float32 rounding (~6e-8).
     """
     if vision.in_channels != 3:
         raise ValueError(f"only RGB vision towers are supported, got in_channels={vision.in_channels}")
@@ -265,7 +349,10 @@ def preprocess_images(
         height, width = smart_resize(
             chw.shape[1], chw.shape[2], factor=factor, min_pixels=min_pixels, max_pixels=max_pixels
         )
-        resized = resize_bicubic_aa(chw, height, width)
+        if float_resize:
+            resized = resize_bicubic_aa_float(chw.astype(np.float32) / np.float32(255.0), height, width)
+        else:
+            resized = resize_bicubic_aa(chw, height, width)
         rows.append(patchify(normalize(resized), vision))
         grids.append((1, height // vision.patch_size, width // vision.patch_size))
     return np.concatenate(rows, axis=0), np.asarray(grids, dtype=np.int64)

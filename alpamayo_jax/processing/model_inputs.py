@@ -37,11 +37,13 @@ if TYPE_CHECKING:
 class ModelInputs:
     """Processed inputs of C clips (host numpy arrays; a pytree, with the image grid static).
 
-    Rows are clips. Every clip's prompt has the same length (clips of one batch have equal image
-    sizes); the pixel rows of all images of all clips are concatenated in clip order.
+    Rows are clips, all of length L: shorter prompts are padded on the left (`attention_mask`
+    false there), as the reference's collate pads. The pixel rows of all images of all clips are
+    concatenated in clip order.
     """
 
     input_ids: np.ndarray  # (C, L) int32: prompts with the history tokens fused in
+    attention_mask: np.ndarray  # (C, L) bool: false on left padding
     pixel_values: np.ndarray  # (P, F) float32
     position_ids: np.ndarray  # (3, C, L) int32: multimodal rotary positions (t, h, w)
     rope_deltas: np.ndarray  # (C,) int32: max position + 1 - L
@@ -66,12 +68,21 @@ def assemble_inputs(
     ego_history_rot,  # (C, T, 3, 3) float
     *,
     config: AlpamayoConfig,
+    attention_mask=None,  # (C, L) bool or 0/1: false on left padding; default all true
 ) -> ModelInputs:
     """Checks, fuses and positions the inputs of C clips (see the module docstring). Raises
     `PromptError` naming what does not fit."""
     ids = np.asarray(prompt_ids)
     if ids.ndim != 2 or ids.shape[1] == 0 or ids.dtype.kind not in "iu":
         raise PromptError(f"prompt ids must be a (clips, length) integer array, got {ids.dtype} {ids.shape}")
+    mask = np.ones(ids.shape, bool) if attention_mask is None else np.asarray(attention_mask)
+    if mask.shape != ids.shape or mask.dtype.kind not in "biu" or not np.isin(mask, (0, 1)).all():
+        raise PromptError(f"attention_mask must be a {ids.shape} array of 0/1 or booleans, got {mask.dtype} "
+                          f"{mask.shape}")
+    mask = mask.astype(bool)
+    left_padded = np.maximum.accumulate(mask, axis=1) == mask  # once a row starts, it never pauses
+    if not left_padded.all() or not mask[:, -1].all():
+        raise PromptError("attention_mask must be left padding: false only on a prefix of each row")
     pixels = np.asarray(pixel_values)
     if pixels.dtype != np.float32:
         raise PromptError(f"pixel_values must be float32, got {pixels.dtype}")
@@ -94,9 +105,11 @@ def assemble_inputs(
     # Also checks that the placeholders of every image match its grid.
     position_ids, rope_deltas = get_rope_index(
         fused, np.asarray(grid), spatial_merge_size=config.vision.spatial_merge_size,
-        image_token_id=config.image_token_id, vision_start_token_id=config.vision_start_token_id)
+        image_token_id=config.image_token_id, vision_start_token_id=config.vision_start_token_id,
+        attention_mask=mask)
     inputs = ModelInputs(
         input_ids=fused.astype(np.int32),
+        attention_mask=mask,
         pixel_values=pixels,
         position_ids=position_ids.astype(np.int32),
         rope_deltas=rope_deltas.reshape(-1).astype(np.int32),
@@ -113,6 +126,8 @@ def check_inputs(inputs: ModelInputs) -> None:
     whatever built it; user input is checked by `assemble_inputs`)."""
     clips, length = inputs.input_ids.shape
     history = inputs.ego_history_xyz.shape[1]
+    chex.assert_shape(inputs.attention_mask, (clips, length))
+    chex.assert_type(inputs.attention_mask, bool)
     chex.assert_shape(inputs.position_ids, (3, clips, length))
     chex.assert_shape(inputs.rope_deltas, (clips,))
     chex.assert_shape(inputs.ego_history_xyz, (clips, history, 3))
@@ -122,26 +137,38 @@ def check_inputs(inputs: ModelInputs) -> None:
     chex.assert_type([inputs.pixel_values, inputs.ego_history_xyz, inputs.ego_history_rot], np.float32)
 
 
+def left_pad(prompts: Sequence[np.ndarray], pad_token_id: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Token id rows of different lengths -> (C, L) ids padded on the left with `pad_token_id`
+    and the (C, L) bool mask of the real tokens, as the reference's collate pads a batch."""
+    if pad_token_id is None:
+        raise PromptError("the tokenizer has no pad token, so prompts of different lengths cannot be batched")
+    length = max(ids.size for ids in prompts)
+    padded = np.full((len(prompts), length), pad_token_id, np.int64)
+    mask = np.zeros((len(prompts), length), bool)
+    for row, ids in enumerate(prompts):
+        padded[row, length - ids.size:] = ids
+        mask[row, length - ids.size:] = True
+    return padded, mask
+
+
 def prepare_inputs(clips: Sequence[Clip], *, tokenizer: ExtendedTokenizer, chat_template: str,
                    config: AlpamayoConfig) -> ModelInputs:
     """The model inputs of C clips (`alpamayo_jax.processing.clip.Clip`), processed as the
-    reference's processor does. The clips' prompts must come out the same length (equal image
-    sizes)."""
+    reference's processor does; prompts of different lengths (other image sizes) are padded on
+    the left."""
     if not clips:
         raise PromptError("no clips to prepare")
     encoded = [encode_prompt(clip.camera_frames, tokenizer=tokenizer, chat_template=chat_template, config=config)
                for clip in clips]
-    lengths = sorted({ids.size for ids, _, _ in encoded})
-    if len(lengths) != 1:
-        raise PromptError(f"clips give prompts of different lengths {lengths}; batch clips whose cameras have "
-                          "the same image sizes")
+    ids, mask = left_pad([ids for ids, _, _ in encoded], tokenizer.pad_token_id)
     return assemble_inputs(
-        np.stack([ids for ids, _, _ in encoded]),
+        ids,
         np.concatenate([pixels for _, pixels, _ in encoded]),
         np.concatenate([grid for _, _, grid in encoded]),
         np.stack([clip.ego_history_xyz for clip in clips]),
         np.stack([clip.ego_history_rot for clip in clips]),
         config=config,
+        attention_mask=mask,
     )
 
 

@@ -1,0 +1,247 @@
+"""The trajectory-only training prompt on the host: chat messages, rendering, tokenisation, the
+ground-truth future tokens and the mask of the supervised tokens.
+
+This is the conversation the reference's fine-tuning recipe trains on (SPEC §16; components
+`image, traj_history, prompt, traj_future`), not the Chain-of-Causation inference prompt of
+`alpamayo_jax.processing.prompt`:
+
+* system: the driving-assistant instruction (`prompt.SYSTEM_PROMPT`);
+* user: every camera image (camera-major), then `<|traj_history_start|>`, one
+  `<|traj_history|>` placeholder per history token, `<|traj_history_end|>`, then
+  "output the future trajectory.";
+* assistant: `<|traj_future_start|>`, one `<|traj_future|>` placeholder per future token,
+  `<|traj_future_end|>`, closed by the template's end of turn (`<|im_end|>`): the whole turn
+  is rendered (no generation prompt, no continued final message).
+
+Image tokens are expanded and the text tokenised by `prompt.tokenize_prompt`; the pixels come
+from the training processor's float path (`image.preprocess_images(float_resize=True)`). The
+history placeholders are filled by `model_inputs.assemble_inputs`, the future placeholders by
+the batch (`collate.TrainingBatch.fused_input_ids`) with `future_tokens`.
+
+`labels_mask` marks what the loss supervises: the span `<|traj_future_start|>` ...
+`<|traj_future_end|>` inclusive and the end-of-turn token of the assistant turn. The assistant
+turn is found by its header (the role's tokens right after `<|im_start|>`), which works for any
+vocabulary; the reference looks the role name up as a single token, which only works where the
+vocabulary has it as one (Qwen's does).
+
+Shapes: B prompts, L tokens, N images, S patch rows, T history poses (16), K = 3 T history
+tokens (48), W future waypoints (64), F = 2 W future tokens (128).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from alpamayo_jax.action.tokenizers import encode_future
+from alpamayo_jax.action.unicycle import ActionStats
+from alpamayo_jax.config import AlpamayoConfig
+from alpamayo_jax.processing.chat_template import PromptError, render_chat
+from alpamayo_jax.processing.image import flatten_camera_frames, preprocess_images
+from alpamayo_jax.processing.prompt import SYSTEM_PROMPT, tokenize_prompt
+from alpamayo_jax.processing.tokenizer import ExtendedTokenizer, special_token
+
+TRAINING_INSTRUCTION = "output the future trajectory."
+# Qwen chat-template turn delimiters: every turn is <|im_start|>{role}\n ... <|im_end|>.
+TURN_START = "<|im_start|>"
+TURN_END = "<|im_end|>"
+ASSISTANT_ROLE = "assistant"
+IGNORE_INDEX = -100  # label of the tokens the loss skips
+
+
+def _placeholder_span(name: str, count: int) -> str:
+    """`<|{name}_start|>` + count x `<|{name}|>` + `<|{name}_end|>`."""
+    return special_token(f"{name}_start") + special_token(name) * count + special_token(f"{name}_end")
+
+
+def training_messages(
+    num_images: int, *, num_history_tokens: int, num_future_tokens: int
+) -> list[dict[str, Any]]:
+    """The reference's training chat messages for `num_images` images (camera-major order),
+    `num_history_tokens` history and `num_future_tokens` future placeholders. Image items carry a
+    name instead of pixels: chat templates only test for their presence."""
+    if num_images < 1:
+        raise PromptError(f"the prompt needs at least one image, got {num_images}")
+    for name, count in (("num_history_tokens", num_history_tokens), ("num_future_tokens", num_future_tokens)):
+        if count < 1:
+            raise PromptError(f"{name} must be >= 1, got {count}")
+    images = [{"type": "image", "image": f"image_{i}"} for i in range(num_images)]
+    user = [
+        *images,
+        {"type": "text", "text": _placeholder_span("traj_history", num_history_tokens)},
+        {"type": "text", "text": TRAINING_INSTRUCTION},
+    ]
+    assistant = [{"type": "text", "text": _placeholder_span("traj_future", num_future_tokens)}]
+    return [
+        {"role": "system", "content": [{"type": "text", "text": SYSTEM_PROMPT}]},
+        {"role": "user", "content": user},
+        {"role": "assistant", "content": assistant},
+    ]
+
+
+def render_training_prompt(
+    num_images: int,
+    *,
+    tokenizer: ExtendedTokenizer,
+    chat_template: str,
+    num_history_tokens: int,
+    num_future_tokens: int,
+) -> str:
+    """The training prompt text before image-token expansion (one `<|image_pad|>` per image):
+    all three turns, the assistant's closed by its end-of-turn token."""
+    return render_chat(
+        training_messages(
+            num_images, num_history_tokens=num_history_tokens, num_future_tokens=num_future_tokens
+        ),
+        chat_template,
+        add_generation_prompt=False,
+        continue_final_message=False,
+        **tokenizer.special_tokens_map,
+    )
+
+
+def check_future_token_count(config: AlpamayoConfig) -> int:
+    """The number of future tokens F of a training prompt (`config.tokens_per_future_traj`),
+    checked against what the future tokenizer makes (2 per waypoint)."""
+    made = 2 * config.future_tokenizer.action_space.n_waypoints
+    if config.tokens_per_future_traj != made:
+        raise PromptError(
+            f"tokens_per_future_traj = {config.tokens_per_future_traj} future placeholders, but the future "
+            f"tokenizer makes {made} tokens (accel, curvature for each of "
+            f"{config.future_tokenizer.action_space.n_waypoints} waypoints)"
+        )
+    return made
+
+
+def encode_training_prompt(
+    camera_frames,  # (n_cameras, n_frames, 3, H, W) uint8, or nested sequences of images
+    *,
+    tokenizer: ExtendedTokenizer,
+    chat_template: str,
+    config: AlpamayoConfig,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One clip's training prompt before any placeholder is filled, as the reference's training
+    processor makes it: ids (L,) int64 with history and future placeholders, pixel_values
+    (S, C*T*P*P) float32 (float path) and image_grid_thw (N, 3) int64."""
+    images = flatten_camera_frames(camera_frames)
+    pixel_values, image_grid_thw = preprocess_images(
+        images,
+        vision=config.vision,
+        min_pixels=config.min_pixels,
+        max_pixels=config.max_pixels,
+        float_resize=True,
+    )
+    text = render_training_prompt(
+        len(images),
+        tokenizer=tokenizer,
+        chat_template=chat_template,
+        num_history_tokens=config.tokens_per_history_traj,
+        num_future_tokens=check_future_token_count(config),
+    )
+    input_ids = tokenize_prompt(
+        text,
+        image_grid_thw,
+        tokenizer=tokenizer,
+        image_token_id=config.image_token_id,
+        spatial_merge_size=config.vision.spatial_merge_size,
+    )
+    return input_ids, pixel_values, image_grid_thw
+
+
+def future_tokens(
+    ego_history_xyz,  # (..., T, 3) t0 ego frame
+    ego_history_rot,  # (..., T, 3, 3)
+    ego_future_xyz,  # (..., W, 3) same frame
+    ego_future_rot,  # (..., W, 3, 3)
+    config: AlpamayoConfig,
+) -> np.ndarray:  # (..., F) int64 bins in [0, future_tokenizer.num_bins)
+    """The quantised actions of the ground-truth future (`DiscreteTrajectoryTokenizer`), before
+    the id offset: `traj_to_action` of history and future, then each (accel, curvature) rounded
+    half to even into its bin, interleaved per waypoint. The action statistics come from the
+    config as float32 (`ActionStats.from_config`), as the reference's tokenizer builds them."""
+    action_space = config.future_tokenizer.action_space
+    arrays = {
+        "ego_history_xyz": np.asarray(ego_history_xyz, np.float32),
+        "ego_history_rot": np.asarray(ego_history_rot, np.float32),
+        "ego_future_xyz": np.asarray(ego_future_xyz, np.float32),
+        "ego_future_rot": np.asarray(ego_future_rot, np.float32),
+    }
+    waypoints = action_space.n_waypoints
+    if arrays["ego_future_xyz"].shape[-2:] != (waypoints, 3):
+        raise PromptError(
+            f"ego_future_xyz must be (..., {waypoints}, 3), got shape {arrays['ego_future_xyz'].shape}"
+        )
+    if arrays["ego_future_rot"].shape != arrays["ego_future_xyz"].shape + (3,):
+        raise PromptError(
+            f"ego_future_rot must be {arrays['ego_future_xyz'].shape + (3,)} (one rotation per position), "
+            f"got shape {arrays['ego_future_rot'].shape}"
+        )
+    for name, array in arrays.items():
+        if not np.isfinite(array).all():
+            raise PromptError(f"{name} contains NaN or infinite values")
+    bins = encode_future(
+        arrays["ego_history_xyz"],
+        arrays["ego_history_rot"],
+        arrays["ego_future_xyz"],
+        arrays["ego_future_rot"],
+        config.future_tokenizer,
+        ActionStats.from_config(action_space),
+    )
+    return np.asarray(bins).astype(np.int64)
+
+
+# ---------------------------------------------------------------------------------------------
+# The supervised tokens
+# ---------------------------------------------------------------------------------------------
+
+
+def _pairs(row: np.ndarray, start_id: int, end_id: int, what: str, b: int) -> list[tuple[int, int]]:
+    """(start, end) positions of the spans `start_id` ... `end_id` of one row, in order; an
+    unclosed last span is dropped (a prompt that ends inside a turn). Nested or unopened spans
+    are errors."""
+    starts = np.flatnonzero(row == start_id).tolist()
+    ends = np.flatnonzero(row == end_id).tolist()
+    if len(ends) > len(starts) or len(starts) > len(ends) + 1:
+        raise PromptError(f"row {b}: {len(starts)} {what} starts but {len(ends)} ends")
+    pairs = list(zip(starts, ends))
+    bounds = [p for pair in pairs for p in pair] + starts[len(ends) :]
+    if bounds != sorted(bounds) or len(set(bounds)) != len(bounds):
+        raise PromptError(f"row {b}: {what} spans are nested or out of order (starts {starts}, ends {ends})")
+    return pairs
+
+
+def labels_mask(
+    input_ids: np.ndarray,  # (B, L) tokenised training prompts (placeholders filled or not)
+    *,
+    tokenizer: ExtendedTokenizer,
+    config: AlpamayoConfig,
+    role: str = ASSISTANT_ROLE,
+) -> np.ndarray:  # (B, L) bool
+    """The tokens the training loss supervises: each `<|traj_future_start|>` ...
+    `<|traj_future_end|>` span inclusive, and the `<|im_end|>` that closes each turn of `role`.
+
+    A turn is `<|im_start|>` ... `<|im_end|>`; it is `role`'s when the tokens right after its
+    `<|im_start|>` are the tokenisation of `role` (one token in Qwen's vocabulary, several in
+    smaller ones), so the rule does not depend on the vocabulary having the role as one token.
+    Raises `PromptError` when a row's spans or turns do not pair up.
+    """
+    ids = np.asarray(input_ids)
+    if ids.ndim != 2:
+        raise PromptError(f"input_ids must be (B, L), got shape {ids.shape}")
+    role_ids = np.asarray(tokenizer.encode(role, add_special_tokens=False), ids.dtype)
+    if role_ids.size == 0:
+        raise PromptError(f"role {role!r} tokenises to nothing")
+    turn_start, turn_end = tokenizer.token_to_id(TURN_START), tokenizer.token_to_id(TURN_END)
+    token_ids = config.traj_token_ids
+    mask = np.zeros(ids.shape, bool)
+    for b, row in enumerate(ids):
+        for start, end in _pairs(
+            row, token_ids.future_start, token_ids.future_end, "<|traj_future_start|>", b
+        ):
+            mask[b, start : end + 1] = True
+        for start, end in _pairs(row, turn_start, turn_end, "turn", b):
+            header = row[start + 1 : start + 1 + role_ids.size]
+            if start + 1 + role_ids.size <= end and np.array_equal(header, role_ids):
+                mask[b, end] = True
+    return mask
