@@ -1,4 +1,4 @@
-"""Command line: `alpamayo-jax demo | infer | batch | convert | export | verify`."""
+"""Command line: `alpamayo-jax demo | infer | batch | train | loss | convert | export | verify`."""
 
 from __future__ import annotations
 
@@ -202,6 +202,107 @@ def _demo(args: argparse.Namespace) -> int:
 DEMO_MAX_NEW_TOKENS = 32  # the random-weight model never stops by itself: keep the demo short
 
 
+def _stage(args: argparse.Namespace) -> None:
+    if args.stage != 2:
+        raise ValueError(f"--stage {args.stage}: only stage 2 (the action expert) is implemented so far")
+
+
+def _train(args: argparse.Namespace) -> int:
+    """Model + clips with ground truth -> a stage-2 run directory (checkpoints, metrics.jsonl)."""
+    import jax
+    from tqdm import tqdm
+
+    from alpamayo_jax.inference.batch import clip_paths
+    from alpamayo_jax.inference.pipeline import Pipeline
+    from alpamayo_jax.training.data import load_training_clips
+    from alpamayo_jax.training.optimizer import OptimizerConfig
+    from alpamayo_jax.training.trainer import Stage2Trainer, train, trained_model
+
+    _stage(args)
+    for flag, value in (("--steps", args.steps), ("--batch-size", args.batch_size), ("--save-every", args.save_every),
+                        ("--keep", args.keep)):
+        if value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
+    if args.export is not None and args.export.exists():
+        raise FileExistsError(f"--export {args.export} already exists")
+    optimizer = OptimizerConfig.stage2(args.steps, **({} if args.lr is None else {"learning_rate": args.lr}),
+                                       **({} if args.warmup is None else {"warmup_steps": args.warmup}))
+    clips = load_training_clips(clip_paths(args.data))  # every clip checked before the model loads
+    pipeline = Pipeline.load(args.model, dtype=args.dtype, processor_dir=args.processor_dir)
+    trainer, state = Stage2Trainer.create(pipeline.model, optimizer, jax.random.key(args.seed),
+                                          expert_attention=args.expert_attention)
+    with tqdm(total=args.steps, unit="step", disable=args.quiet) as bar:
+        def progress(step, record):
+            bar.n = step
+            bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['learning_rate']:.2e}", refresh=True)
+
+        result = train(trainer, state, clips, split=pipeline.split, tokenizer=pipeline.tokenizer,
+                       chat_template=pipeline.chat_template, run_dir=args.out, steps=args.steps,
+                       batch_size=args.batch_size, seed=args.seed, save_every=args.save_every, keep=args.keep,
+                       resume=args.resume, on_step=progress)
+    steps_run = len(result.losses)
+    print(f"{steps_run} steps in {result.seconds:.1f} s ({steps_run / max(result.seconds, 1e-9):.2f} steps/s), "
+          f"last loss {result.losses[-1]:.4f} -> {args.out}" if steps_run else f"nothing to do: {args.out} is at "
+          f"step {int(result.state.step)}")
+    if args.export is not None:  # a bundle's config.json is its source checkpoint's
+        import json
+
+        from alpamayo_jax.io.hf import CONFIG_FILE, save_hf_checkpoint
+
+        config = json.loads((args.model / CONFIG_FILE).read_text())
+        save_hf_checkpoint(trained_model(trainer, result.state), args.export, config)
+        print(f"exported the trained model to {args.export} (Hugging Face layout; `convert` makes a bundle of it)")
+    return 0
+
+
+def _loss(args: argparse.Namespace) -> int:
+    """One stage-2 forward/backward on examples in file order: loss and every trainable gradient."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from alpamayo_jax.inference.pipeline import Pipeline
+    from alpamayo_jax.io.safetensors import write_safetensors
+    from alpamayo_jax.training.data import load_training_clips
+    from alpamayo_jax.processing.collate import collate
+    from alpamayo_jax.training.stage2 import FlowDraw, fit_actions, stage2_gradients
+
+    _stage(args)
+    _output_file(args.out, "--out")
+    clips = load_training_clips(args.examples)
+    timesteps = _load_array(args.flow_timesteps, "--flow-timesteps", (len(clips),))
+    noise = _load_array(args.flow_noise, "--flow-noise", None)
+    pipeline = Pipeline.load(args.model, dtype=args.dtype, processor_dir=args.processor_dir)
+    waypoints = pipeline.config.n_waypoints
+    if noise.shape != (len(clips), waypoints, 2):
+        raise ValueError(f"--flow-noise must be ({len(clips)}, {waypoints}, 2) for {len(clips)} examples, got "
+                         f"{noise.shape}")
+    batch = collate(clips, tokenizer=pipeline.tokenizer, chat_template=pipeline.chat_template, config=pipeline.config)
+    actions = fit_actions(pipeline.split, batch.inputs, batch.ego_future_xyz, batch.ego_future_rot)
+    loss, grads = stage2_gradients(pipeline.model, batch.inputs, actions, FlowDraw(jnp.asarray(timesteps),
+                                   jnp.asarray(noise)), expert_attention=args.expert_attention)
+    tensors = {"loss": np.asarray(loss, np.float32), **{f"grad.{key}": value for key, value in grads.items()}}
+    write_safetensors(args.out, tensors)
+    print(f"loss {loss:.6f}; {len(grads)} gradients -> {args.out}")
+    return 0
+
+
+def _load_array(path: Path, flag: str, shape: tuple[int, ...] | None):
+    """A float32 .npy array of `shape` (any shape with None)."""
+    import numpy as np
+
+    if not path.is_file():
+        raise FileNotFoundError(f"{flag} file not found: {path}")
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as error:
+        raise ValueError(f"{flag} {path} is not a readable .npy array ({error})") from None
+    if array.dtype.kind != "f" or not np.isfinite(array).all():
+        raise ValueError(f"{flag} {path}: expected finite floating-point values, got {array.dtype}")
+    if shape is not None and array.shape != shape:
+        raise ValueError(f"{flag} {path}: expected shape {shape}, got {array.shape}")
+    return array.astype(np.float32)
+
+
 def _convert(args: argparse.Namespace) -> int:
     """Hugging Face checkpoint -> bundle, with a progress bar over tensors and bytes."""
     from tqdm import tqdm
@@ -342,6 +443,43 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("--dtype", choices=dtypes, help="parameter dtype (default: as stored)")
     export.add_argument("--force", action="store_true", help="replace an existing --out")
     export.set_defaults(run=_export)
+
+    def training_options(command):
+        command.add_argument("--stage", type=int, choices=[1, 2], required=True,
+                             help="2: the action expert on the frozen VLM (stage 1 is not implemented yet)")
+        command.add_argument("--model", type=_existing_dir, required=True, help="bundle or Hugging Face directory")
+        command.add_argument("--processor-dir", type=_existing_dir,
+                             help="tokenizer/template for a Hugging Face --model")
+        command.add_argument("--dtype", choices=["float32", "bfloat16"], help="parameter dtype (default: as stored)")
+        command.add_argument("--expert-attention", choices=["default", "reference"], default="default",
+                             help="default: action tokens attend bidirectionally, as at inference, padding "
+                                  "masked; reference: NVIDIA's training code exactly (causal, padding visible)")
+
+    train_command = commands.add_parser("train", help="fine-tune (stage 2: the action expert) on clips with ground truth")
+    training_options(train_command)
+    train_command.add_argument("--data", type=Path, required=True,
+                               help="directory of clip .npz files with ego_future_xyz/rot, or a list of them")
+    train_command.add_argument("--out", type=Path, required=True, help="run directory: checkpoints/, metrics.jsonl")
+    train_command.add_argument("--steps", type=int, default=1000, help="optimizer steps (default: 1000)")
+    train_command.add_argument("--batch-size", type=int, default=1, help="examples per step (default: 1)")
+    train_command.add_argument("--lr", type=float, help="peak learning rate (default: the reference's 1e-4)")
+    train_command.add_argument("--warmup", type=int, help="warmup steps (default: the reference's 100)")
+    train_command.add_argument("--seed", type=_seed, default=42, help="data order and flow draws (default: 42)")
+    train_command.add_argument("--save-every", type=int, default=100, help="checkpoint interval in steps")
+    train_command.add_argument("--keep", type=int, default=3, help="checkpoints to keep")
+    train_command.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    train_command.add_argument("--export", type=Path, help="write the trained model here (Hugging Face layout)")
+    train_command.add_argument("--quiet", action="store_true", help="no progress bar")
+    train_command.set_defaults(run=_train)
+
+    loss = commands.add_parser("loss", help="one forward/backward: the loss and every trainable gradient")
+    training_options(loss)
+    loss.add_argument("--examples", type=Path, nargs="+", required=True, help="clip .npz files with ground truth")
+    loss.add_argument("--flow-timesteps", type=Path, required=True, help=".npy (B,) flow times, one per example")
+    loss.add_argument("--flow-noise", type=Path, required=True, help=".npy (B, waypoints, 2) flow noise")
+    loss.add_argument("--out", type=Path, required=True,
+                      help=".safetensors with `loss` and `grad.<checkpoint key>` (checkpoint layout, float32)")
+    loss.set_defaults(run=_loss)
 
     verify = commands.add_parser("verify", help="compare a bundle with the PyTorch reference, stage by stage")
     verify.add_argument("--model", type=_existing_dir, required=True, help="bundle (or Hugging Face) directory")

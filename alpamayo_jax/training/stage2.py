@@ -31,15 +31,19 @@ from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from flax import struct
+import numpy as np
+from flax import nnx, struct
 
 from alpamayo_jax.action.unicycle import traj_to_action
 from alpamayo_jax.config import FlowMatchingConfig
 from alpamayo_jax.inference.flow_matching import interpolate, sample_timesteps
+from alpamayo_jax.io.assign import export_plan, export_tensors
+from alpamayo_jax.io.weight_map import alpamayo_rules
 from alpamayo_jax.models.alpamayo import ACTION_DIM, AlpamayoR1
 from alpamayo_jax.models.expert import ExpertContext, expert_attention_bias, expert_position_ids
 from alpamayo_jax.nn.module_jit import module_jit
 from alpamayo_jax.processing.model_inputs import ModelInputs
+from alpamayo_jax.training.optimizer import TrainingStage, trainable_filter
 
 ExpertAttention = Literal["default", "reference"]
 EXPERT_ATTENTION_MODES = ("default", "reference")
@@ -143,3 +147,22 @@ def stage2_loss(
     target = (actions - draw.noise).astype(prediction.dtype)
     loss = jnp.mean((prediction - target) ** 2)
     return loss, Stage2Aux(actions, x_t, target, prediction, t, lengths)
+
+
+def stage2_gradients(model: AlpamayoR1, inputs: ModelInputs, actions: jax.Array, draw: FlowDraw, *,
+                     expert_attention: ExpertAttention = "default") -> tuple[float, dict[str, np.ndarray]]:
+    """The loss and d loss / d parameter of every stage-2 trainable parameter, keyed and laid out
+    like the Hugging Face checkpoint (so that a PyTorch gradient can be compared key by key),
+    float32."""
+    graphdef, trainable, frozen = nnx.split(model, trainable_filter(TrainingStage.EXPERT), ...)
+
+    def loss(trainable):
+        return stage2_loss(nnx.merge(graphdef, trainable, frozen), inputs, actions, draw,
+                           expert_attention=expert_attention)[0]
+
+    value, grads = jax.jit(jax.value_and_grad(loss))(trainable)
+    with_grads = nnx.merge(graphdef, jax.tree.map(lambda g: g.astype(jnp.float32), grads), frozen)
+    trained = {".".join(map(str, path)) for path, _ in nnx.to_flat_state(grads)}
+    tensors = export_tensors(with_grads, alpamayo_rules())
+    paths = {key: path for key, (path, _, _) in export_plan(with_grads, alpamayo_rules()).items()}
+    return float(value), {key: np.asarray(tensors[key], np.float32) for key in tensors if paths[key] in trained}

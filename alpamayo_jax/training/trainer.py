@@ -1,0 +1,218 @@
+"""The stage-2 training loop: one jitted step with donated state, run state saved with orbax.
+
+    TrainState (step, trainable parameters, optimizer state, PRNG key)
+        --train_step(state, frozen, inputs, actions)--> TrainState, metrics
+
+The model is split once into its graph definition, the trainable parameters (`trainable_filter`)
+and everything else (`frozen`: the VLM, the buffers), which never enters the optimizer. Step k
+draws its flow times and noise from `fold_in(key, k)` and trains on batch k of `BatchOrder`, so
+a run resumed from a checkpoint repeats the uninterrupted run exactly.
+
+`train` is the loop: it saves the run state every `save_every` steps (and at the end) through an
+`orbax.checkpoint.CheckpointManager` in `run_dir/checkpoints` (keeping `keep` of them; each save
+is atomic), appends one JSON line of metrics per step to `run_dir/metrics.jsonl`, and resumes from
+the newest checkpoint when asked.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import nnx, struct
+
+from alpamayo_jax.models.alpamayo import AlpamayoR1
+from alpamayo_jax.nn.module_jit import SplitModule
+from alpamayo_jax.processing.clip import Clip
+from alpamayo_jax.processing.collate import TrainingBatch, collate
+from alpamayo_jax.processing.tokenizer import ExtendedTokenizer
+from alpamayo_jax.training.data import BatchOrder
+from alpamayo_jax.training.optimizer import OptimizerConfig, TrainingStage, learning_rate_schedule, make_optimizer
+from alpamayo_jax.training.optimizer import trainable_filter
+from alpamayo_jax.training.stage2 import ExpertAttention, draw_flow, fit_actions, stage2_loss
+
+METRICS_FILE = "metrics.jsonl"
+CHECKPOINT_DIR = "checkpoints"
+
+
+@struct.dataclass
+class TrainState:
+    """Everything that changes from step to step."""
+
+    step: jax.Array  # () int32: steps taken (micro-batches, with gradient accumulation)
+    params: nnx.State  # the trainable parameters
+    opt_state: optax.OptState
+    key: jax.Array  # () typed PRNG key: step k draws with fold_in(key, k)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Stage2Trainer:
+    """The pieces of a stage-2 run that do not change: the model's graph definition and frozen
+    part, the optimizer, the attention mode. `step` is jitted once per batch shape; the frozen
+    part is an argument of it (not a constant baked into the program)."""
+
+    graphdef: nnx.GraphDef
+    frozen: nnx.State
+    optimizer: OptimizerConfig
+    expert_attention: ExpertAttention = "default"
+
+    @classmethod
+    def create(cls, model: AlpamayoR1, optimizer: OptimizerConfig, key: jax.Array, *,
+               expert_attention: ExpertAttention = "default") -> tuple[Stage2Trainer, TrainState]:
+        graphdef, params, frozen = nnx.split(model, trainable_filter(TrainingStage.EXPERT), ...)
+        # A copy: the step donates the state's buffers, which must not be the model's own.
+        params = jax.tree.map(jnp.copy, params)
+        trainer = cls(graphdef, frozen, optimizer, expert_attention)
+        state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                           opt_state=make_optimizer(optimizer).init(params), key=key)
+        return trainer, state
+
+    def model(self, params: nnx.State) -> AlpamayoR1:
+        return nnx.merge(self.graphdef, params, self.frozen)
+
+    def step(self, state: TrainState, inputs, actions: jax.Array) -> tuple[TrainState, dict]:
+        """One optimizer (micro-)step on a batch: `inputs` (`ModelInputs`) and the clean `actions`
+        (B, W, 2) fitted to its ground truth. Jitted; `state` is donated (do not reuse it)."""
+        return _jitted_step(self)(state, self.frozen, inputs, actions)
+
+    def loss(self, params: nnx.State, frozen: nnx.State, inputs, actions, key) -> tuple[jax.Array, object]:
+        model = nnx.merge(self.graphdef, params, frozen)
+        draw = draw_flow(key, actions.shape[0], actions.shape[1], model.config.flow_matching)
+        return stage2_loss(model, inputs, actions, draw, expert_attention=self.expert_attention)
+
+
+def _train_step(trainer: Stage2Trainer, state: TrainState, frozen: nnx.State, inputs, actions
+                ) -> tuple[TrainState, dict]:
+    key = jax.random.fold_in(state.key, state.step)
+    (loss, _), grads = jax.value_and_grad(trainer.loss, has_aux=True)(state.params, frozen, inputs, actions, key)
+    optimizer = make_optimizer(trainer.optimizer)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    steps_per_update = trainer.optimizer.gradient_accumulation_steps
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
+               "learning_rate": learning_rate_schedule(trainer.optimizer)(state.step // steps_per_update)}
+    new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                              opt_state=opt_state)
+    return new_state, metrics
+
+
+_STEPS: dict[Stage2Trainer, Callable] = {}
+
+
+def _jitted_step(trainer: Stage2Trainer) -> Callable:
+    if trainer not in _STEPS:
+        _STEPS[trainer] = jax.jit(lambda state, frozen, inputs, actions: _train_step(trainer, state, frozen, inputs,
+                                                                                     actions), donate_argnums=(0,))
+    return _STEPS[trainer]
+
+
+# ---------------------------------------------------------------------------------------------
+# Run state on disk
+# ---------------------------------------------------------------------------------------------
+
+
+def _to_disk(state: TrainState) -> dict:
+    return {"step": state.step, "params": state.params, "opt_state": state.opt_state,
+            "key": jax.random.key_data(state.key)}
+
+
+def _from_disk(saved: dict, like: TrainState) -> TrainState:
+    return TrainState(step=saved["step"], params=saved["params"], opt_state=saved["opt_state"],
+                      key=jax.random.wrap_key_data(saved["key"], impl=jax.random.key_impl(like.key)))
+
+
+def checkpoint_manager(run_dir: str | os.PathLike, *, save_every: int, keep: int) -> ocp.CheckpointManager:
+    """Saves every `save_every` steps, keeps the newest `keep`; asynchronous where orbax can."""
+    options = ocp.CheckpointManagerOptions(save_interval_steps=save_every, max_to_keep=keep, create=True)
+    return ocp.CheckpointManager(Path(run_dir).absolute() / CHECKPOINT_DIR, options=options)
+
+
+def restore_state(manager: ocp.CheckpointManager, like: TrainState, step: int | None = None) -> TrainState:
+    """The saved state of `step` (default: the newest), restored into the structure of `like`."""
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint to resume from in {manager.directory}")
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _to_disk(like))
+    return _from_disk(manager.restore(step, args=ocp.args.StandardRestore(abstract)), like)
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class RunResult:
+    state: TrainState
+    losses: list[float]  # of the steps this call ran
+    seconds: float
+
+
+def train(
+    trainer: Stage2Trainer,
+    state: TrainState,
+    clips: Sequence[Clip],
+    *,
+    split: SplitModule[AlpamayoR1],
+    tokenizer: ExtendedTokenizer,
+    chat_template: str,
+    run_dir: str | os.PathLike,
+    steps: int,
+    batch_size: int,
+    seed: int,
+    save_every: int = 100,
+    keep: int = 3,
+    resume: bool = False,
+    on_step: Callable[[int, dict], None] | None = None,
+) -> RunResult:
+    """Trains until `state.step == steps` on `clips` (with ground truth); see the module docstring.
+
+    `split` is the model as loaded (for fitting the ground-truth actions, which do not change).
+    With `resume`, starts from the newest checkpoint in `run_dir` instead of `state` (which then
+    only gives the structure). Returns the final state and the losses of the steps run here."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config = trainer.model(state.params).config
+    order = BatchOrder(len(clips), batch_size, seed)
+    started = time.perf_counter()
+    losses = []
+    with checkpoint_manager(run_dir, save_every=save_every, keep=keep) as manager:
+        if resume:
+            state = restore_state(manager, state)
+        elif manager.latest_step() is not None:
+            raise FileExistsError(f"{run_dir} already holds checkpoints; resume the run or choose another directory")
+        prepared: dict[tuple[int, ...], tuple[object, jax.Array]] = {}
+        with open(run_dir / METRICS_FILE, "a") as metrics_file:
+            while int(state.step) < steps:
+                k = int(state.step)
+                members = tuple(order(k))
+                if members not in prepared:  # collate and fit once per distinct batch
+                    batch: TrainingBatch = collate([clips[i] for i in members], tokenizer=tokenizer,
+                                                   chat_template=chat_template, config=config)
+                    prepared[members] = (batch.inputs, fit_actions(split, batch.inputs, batch.ego_future_xyz,
+                                                                    batch.ego_future_rot))
+                inputs, actions = prepared[members]
+                state, metrics = trainer.step(state, inputs, actions)
+                record = {"step": k + 1, **{name: float(value) for name, value in metrics.items()},
+                          "seconds": round(time.perf_counter() - started, 3)}
+                losses.append(record["loss"])
+                metrics_file.write(json.dumps(record) + "\n")
+                metrics_file.flush()
+                manager.save(k + 1, args=ocp.args.StandardSave(_to_disk(state)), force=k + 1 == steps)
+                if on_step:
+                    on_step(k + 1, record)
+        manager.wait_until_finished()
+    return RunResult(state, losses, time.perf_counter() - started)
+
+
+def trained_model(trainer: Stage2Trainer, state: TrainState) -> AlpamayoR1:
+    """The model with the trained parameters in place (for export or inference)."""
+    return trainer.model(jax.tree.map(np.asarray, state.params))
