@@ -63,6 +63,11 @@ LOGICAL_RULES: dict[str, str | None] = {
     "cache_length": None,
 }
 
+# Fully sharded data parallelism for training: parameters (and so their gradients and optimizer
+# state) are also split along their model width over `data`, and gathered layer by layer as the
+# step needs them; the batch rows stay split over `data` as before.
+FSDP_RULES: dict[str, str | None] = {**LOGICAL_RULES, "embed": "data", "vision_embed": "data"}
+
 # The one fallback: when the vocabulary does not divide over the model axis (the 10B model's
 # 155,697 entries divide by no even number), the embedding table and lm_head are split along
 # their width instead. Same memory per device; the logits then need an all-reduce and the looked-up
@@ -233,6 +238,14 @@ def shard_model(model: nnx.Module, mesh: Mesh) -> dict[str, NamedSharding]:
     for path, variable in module_variables(model).items():
         variable.set_value(jax.device_put(variable.get_value(), shardings[path]))
     return shardings
+
+
+def shard_state(state: nnx.State, shardings: Mapping[str, NamedSharding]) -> nnx.State:
+    """A copy of `state` (a part of a model, e.g. its trainable parameters) with every array put
+    into its sharding, looked up by parameter path ('a.b.kernel')."""
+    placed = [(path, variable.replace(jax.device_put(variable.get_value(), shardings[".".join(map(str, path))])))
+              for path, variable in nnx.to_flat_state(state)]
+    return nnx.from_flat_state(placed)
 
 
 def bytes_per_device(model: nnx.Module) -> dict[jax.Device, int]:

@@ -43,6 +43,7 @@ from alpamayo_jax.models.alpamayo import ACTION_DIM, AlpamayoR1
 from alpamayo_jax.models.expert import ExpertContext, expert_attention_bias, expert_position_ids
 from alpamayo_jax.nn.module_jit import module_jit
 from alpamayo_jax.processing.model_inputs import ModelInputs
+from alpamayo_jax.sharding import constrain
 from alpamayo_jax.training.optimizer import TrainingStage, trainable_filter
 
 ExpertAttention = Literal["default", "reference"]
@@ -97,9 +98,14 @@ def teacher_forced_context(model: AlpamayoR1, inputs: ModelInputs, num_waypoints
     if expert_attention not in EXPERT_ATTENTION_MODES:
         raise ValueError(f"expert_attention must be one of {EXPERT_ATTENTION_MODES}, got {expert_attention!r}")
     reference = expert_attention == "reference"
-    out = model.vlm(jnp.asarray(inputs.input_ids), pixel_values=jnp.asarray(inputs.pixel_values),
-                    image_grid_thw=inputs.image_grid, position_ids=jnp.asarray(inputs.position_ids),
-                    attention_mask=jnp.asarray(inputs.attention_mask))
+    # Under a mesh the batch rows split over `data` (`alpamayo_jax.sharding`); without one these do nothing.
+    rows = ("batch", "sequence")
+    out = model.vlm(constrain(jnp.asarray(inputs.input_ids), rows, replicate_uneven=True),
+                    pixel_values=constrain(jnp.asarray(inputs.pixel_values), ("image_patches", None),
+                                           replicate_uneven=True),
+                    image_grid_thw=inputs.image_grid,
+                    position_ids=constrain(jnp.asarray(inputs.position_ids), (None, *rows), replicate_uneven=True),
+                    attention_mask=constrain(jnp.asarray(inputs.attention_mask), rows, replicate_uneven=True))
     lengths = future_start_lengths(inputs, model.config.traj_token_ids.future_start, reference=reference)
     visible = jnp.arange(inputs.input_ids.shape[1])[None, :] < lengths[:, None]
     if not reference:  # the reference leaves left padding visible to the expert
@@ -141,6 +147,7 @@ def stage2_loss(
     Gradients reach the expert and the action projections only: the VLM's keys and values are
     constants here."""
     context, lengths = teacher_forced_context(model, inputs, actions.shape[1], expert_attention=expert_attention)
+    actions = constrain(actions, ("batch", None, None), replicate_uneven=True)
     t = draw.timesteps.astype(jnp.float32)
     x_t = interpolate(actions, draw.noise, t)
     prediction = model.action_velocity(x_t, t, context)

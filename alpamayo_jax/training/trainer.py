@@ -16,11 +16,12 @@ the newest checkpoint when asked.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import jax
@@ -35,6 +36,7 @@ from alpamayo_jax.nn.module_jit import SplitModule
 from alpamayo_jax.processing.clip import Clip
 from alpamayo_jax.processing.collate import TrainingBatch, collate
 from alpamayo_jax.processing.tokenizer import ExtendedTokenizer
+from alpamayo_jax.sharding import LOGICAL_RULES, param_shardings, shard_state
 from alpamayo_jax.training.data import BatchOrder
 from alpamayo_jax.training.optimizer import OptimizerConfig, TrainingStage, learning_rate_schedule, make_optimizer
 from alpamayo_jax.training.optimizer import trainable_filter
@@ -64,14 +66,24 @@ class Stage2Trainer:
     frozen: nnx.State
     optimizer: OptimizerConfig
     expert_attention: ExpertAttention = "default"
+    mesh: jax.sharding.Mesh | None = None
 
     @classmethod
     def create(cls, model: AlpamayoR1, optimizer: OptimizerConfig, key: jax.Array, *,
-               expert_attention: ExpertAttention = "default") -> tuple[Stage2Trainer, TrainState]:
+               expert_attention: ExpertAttention = "default", mesh: jax.sharding.Mesh | None = None,
+               rules: Mapping[str, str | None] = LOGICAL_RULES) -> tuple[Stage2Trainer, TrainState]:
+        """The trainer and the initial state of `model`. With `mesh`, every parameter (and so its
+        gradient and optimizer state) is placed by `rules` (`LOGICAL_RULES`: tensor parallel over
+        `model`; `FSDP_RULES`: also split along the width over `data`) and the batch rows split
+        over `data`; the step then runs under the mesh."""
         graphdef, params, frozen = nnx.split(model, trainable_filter(TrainingStage.EXPERT), ...)
-        # A copy: the step donates the state's buffers, which must not be the model's own.
+        # A copy: the step donates the state's buffers, which must not be the model's own (device_put
+        # may reuse a buffer for one of the shards).
         params = jax.tree.map(jnp.copy, params)
-        trainer = cls(graphdef, frozen, optimizer, expert_attention)
+        if mesh is not None:
+            shardings = param_shardings(model, mesh, rules)
+            params, frozen = shard_state(params, shardings), shard_state(frozen, shardings)
+        trainer = cls(graphdef, frozen, optimizer, expert_attention, mesh)
         state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
                            opt_state=make_optimizer(optimizer).init(params), key=key)
         return trainer, state
@@ -82,7 +94,9 @@ class Stage2Trainer:
     def step(self, state: TrainState, inputs, actions: jax.Array) -> tuple[TrainState, dict]:
         """One optimizer (micro-)step on a batch: `inputs` (`ModelInputs`) and the clean `actions`
         (B, W, 2) fitted to its ground truth. Jitted; `state` is donated (do not reuse it)."""
-        return _jitted_step(self)(state, self.frozen, inputs, actions)
+        context = contextlib.nullcontext() if self.mesh is None else jax.set_mesh(self.mesh)
+        with context:
+            return _jitted_step(self)(state, self.frozen, inputs, actions)
 
     def loss(self, params: nnx.State, frozen: nnx.State, inputs, actions, key) -> tuple[jax.Array, object]:
         model = nnx.merge(self.graphdef, params, frozen)

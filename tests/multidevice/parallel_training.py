@@ -1,0 +1,75 @@
+"""Run with 8 CPU devices (tests/test_sharding.py starts it): three stage-2 training steps of the
+tiny model on one device, then on a data 4 x model 2 mesh with the tensor-parallel table and with
+the FSDP table; prints the losses, the relative parameter differences and the placements as JSON."""
+
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+
+import json  # noqa: E402
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+from workload import Workload  # noqa: E402
+
+from alpamayo_jax.processing.collate import collate  # noqa: E402
+from alpamayo_jax.processing.synthetic import synthetic_clip  # noqa: E402
+from alpamayo_jax.sharding import FSDP_RULES, LOGICAL_RULES, make_mesh  # noqa: E402
+from alpamayo_jax.training.optimizer import OptimizerConfig  # noqa: E402
+from alpamayo_jax.training.stage2 import fit_actions  # noqa: E402
+from alpamayo_jax.training.trainer import Stage2Trainer  # noqa: E402
+
+workload = Workload(sys.argv[1])
+pipeline = workload.load()
+clips = [synthetic_clip(i, image_size=(32, 48), speed=4.0 + i, curvature=0.01 * (i - 2), with_future=True)
+         for i in range(4)]
+batch = collate(clips, tokenizer=pipeline.tokenizer, chat_template=pipeline.chat_template, config=pipeline.config)
+actions = fit_actions(pipeline.split, batch.inputs, batch.ego_future_xyz, batch.ego_future_rot)
+optimizer = OptimizerConfig(learning_rate=1e-3, warmup_steps=1, total_steps=3)
+
+
+def gradients(trainer, state):
+    """The first step's gradient of every trainable parameter (same key as the step's)."""
+    key = jax.random.fold_in(state.key, state.step)
+    grad = jax.jit(jax.grad(lambda params: trainer.loss(params, trainer.frozen, batch.inputs, actions, key)[0]))
+    if trainer.mesh is None:
+        return jax.tree.leaves(grad(state.params))
+    with jax.set_mesh(trainer.mesh):
+        return jax.tree.leaves(grad(state.params))
+
+
+def relative(ours, reference):
+    """Max |difference| over max |reference|, over all tensors together (per-tensor ratios of
+    tensors whose gradients nearly cancel measure only the summation order)."""
+    difference = max(float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in zip(ours, reference, strict=True))
+    return difference / max(float(np.abs(np.asarray(b)).max()) for b in reference)
+
+
+def three_steps(mesh=None, rules=LOGICAL_RULES):
+    trainer, state = Stage2Trainer.create(pipeline.model, optimizer, jax.random.key(0), mesh=mesh, rules=rules)
+    first_gradients = gradients(trainer, state)
+    losses = []
+    for _ in range(3):
+        state, metrics = trainer.step(state, batch.inputs, actions)
+        losses.append(float(metrics["loss"]))
+    return state, losses, first_gradients
+
+
+reference_state, reference_losses, reference_gradients = three_steps()
+report = {"devices": len(jax.devices()), "reference_losses": reference_losses}
+for name, rules in (("data4_model2", LOGICAL_RULES), ("data4_model2_fsdp", FSDP_RULES)):
+    state, losses, first_gradients = three_steps(make_mesh("data4_model2"), rules)
+    error = relative(jax.tree.leaves(state.params), jax.tree.leaves(reference_state.params))
+    kernel = state.params["expert"]["layers"][0]["mlp"]["up_proj"]["kernel"].get_value()
+    moment = jax.tree.leaves(state.opt_state)
+    report[name] = {"losses": losses, "params_relative_error": error,
+                    "gradients_relative_error": relative(first_gradients, reference_gradients),
+                    "expert_up_proj_spec": str(kernel.sharding.spec),
+                    "expert_up_proj_block": list(kernel.addressable_shards[0].data.shape),
+                    "optimizer_state_sharded": any(getattr(m, "sharding", None) is not None
+                                                   and not m.sharding.is_fully_replicated for m in moment)}
+print("RESULT " + json.dumps(report))
