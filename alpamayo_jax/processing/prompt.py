@@ -19,6 +19,7 @@ T history steps (16), K = 3 T history tokens (48).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -161,6 +162,32 @@ def fuse_history_tokens(
     return fused
 
 
+def encode_with_images(
+    camera_frames,  # (n_cameras, n_frames, 3, H, W) uint8, or nested sequences of images
+    render_text: Callable[[int], str],  # number of images -> the chat text, one image token per image
+    *,
+    tokenizer: ExtendedTokenizer,
+    config: AlpamayoConfig,
+    float_resize: bool = False,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One clip's pixels and the tokenised text around them: ids (L,) int64 (placeholders not
+    filled), pixel_values (S, C*T*P*P) float32 and image_grid_thw (N, 3) int64
+    (`preprocess_images`; `float_resize` for the reference's training path)."""
+    images = flatten_camera_frames(camera_frames)
+    pixel_values, image_grid_thw = preprocess_images(
+        images, vision=config.vision, min_pixels=config.min_pixels, max_pixels=config.max_pixels,
+        float_resize=float_resize,
+    )
+    input_ids = tokenize_prompt(
+        render_text(len(images)),
+        image_grid_thw,
+        tokenizer=tokenizer,
+        image_token_id=config.image_token_id,
+        spatial_merge_size=config.vision.spatial_merge_size,
+    )
+    return input_ids, pixel_values, image_grid_thw
+
+
 def encode_prompt(
     camera_frames,  # (n_cameras, n_frames, 3, H, W) uint8, or nested sequences of images
     *,
@@ -168,24 +195,10 @@ def encode_prompt(
     chat_template: str,
     config: AlpamayoConfig,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One clip's prompt before history fusion, as the reference's processor makes it: the ids
-    (L,) int64 with history placeholders, pixel_values (S, C*T*P*P) float32 and image_grid_thw
-    (N, 3) int64 (`preprocess_images`)."""
-    images = flatten_camera_frames(camera_frames)
-    pixel_values, image_grid_thw = preprocess_images(
-        images, vision=config.vision, min_pixels=config.min_pixels, max_pixels=config.max_pixels
-    )
-    text = render_prompt(
-        len(images),
-        tokenizer=tokenizer,
-        chat_template=chat_template,
-        num_history_tokens=config.tokens_per_history_traj,
-    )
-    input_ids = tokenize_prompt(
-        text,
-        image_grid_thw,
-        tokenizer=tokenizer,
-        image_token_id=config.image_token_id,
-        spatial_merge_size=config.vision.spatial_merge_size,
-    )
-    return input_ids, pixel_values, image_grid_thw
+    """One clip's inference prompt before history fusion, as the reference's processor makes it
+    (`encode_with_images`)."""
+    def render(num_images: int) -> str:
+        return render_prompt(num_images, tokenizer=tokenizer, chat_template=chat_template,
+                             num_history_tokens=config.tokens_per_history_traj)
+
+    return encode_with_images(camera_frames, render, tokenizer=tokenizer, config=config)

@@ -38,8 +38,7 @@ from alpamayo_jax.action.tokenizers import encode_future
 from alpamayo_jax.action.unicycle import ActionStats
 from alpamayo_jax.config import AlpamayoConfig
 from alpamayo_jax.processing.chat_template import PromptError, render_chat
-from alpamayo_jax.processing.image import flatten_camera_frames, preprocess_images
-from alpamayo_jax.processing.prompt import SYSTEM_PROMPT, tokenize_prompt
+from alpamayo_jax.processing.prompt import SYSTEM_PROMPT, encode_with_images
 from alpamayo_jax.processing.tokenizer import ExtendedTokenizer, special_token
 
 TRAINING_INSTRUCTION = "output the future trajectory."
@@ -124,29 +123,12 @@ def encode_training_prompt(
     """One clip's training prompt before any placeholder is filled, as the reference's training
     processor makes it: ids (L,) int64 with history and future placeholders, pixel_values
     (S, C*T*P*P) float32 (float path) and image_grid_thw (N, 3) int64."""
-    images = flatten_camera_frames(camera_frames)
-    pixel_values, image_grid_thw = preprocess_images(
-        images,
-        vision=config.vision,
-        min_pixels=config.min_pixels,
-        max_pixels=config.max_pixels,
-        float_resize=True,
-    )
-    text = render_training_prompt(
-        len(images),
-        tokenizer=tokenizer,
-        chat_template=chat_template,
-        num_history_tokens=config.tokens_per_history_traj,
-        num_future_tokens=check_future_token_count(config),
-    )
-    input_ids = tokenize_prompt(
-        text,
-        image_grid_thw,
-        tokenizer=tokenizer,
-        image_token_id=config.image_token_id,
-        spatial_merge_size=config.vision.spatial_merge_size,
-    )
-    return input_ids, pixel_values, image_grid_thw
+    def render(num_images: int) -> str:
+        return render_training_prompt(num_images, tokenizer=tokenizer, chat_template=chat_template,
+                                      num_history_tokens=config.tokens_per_history_traj,
+                                      num_future_tokens=check_future_token_count(config))
+
+    return encode_with_images(camera_frames, render, tokenizer=tokenizer, config=config, float_resize=True)
 
 
 def future_tokens(
