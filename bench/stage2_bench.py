@@ -26,16 +26,23 @@ Timing is interleaved (one JAX step, one PyTorch step, ...) after one warm-up st
 first JAX call traces and compiles; its time is reported separately). Threads: `--threads k` pins
 the process to k CPUs (os.sched_setaffinity, before jax and torch start their pools), calls
 `torch.set_num_threads(k)` and, for k = 1, sets `XLA_FLAGS=--xla_cpu_multi_thread_eigen=false
-intra_op_parallelism_threads=1` before jax is imported (XLA sizes its CPU pool from the affinity;
-the second token is not an XLA flag and is ignored by XLA's parser). "cores used" in the table is
+intra_op_parallelism_threads=1` before jax is imported (XLA sizes its CPU thread pools from the
+affinity: its thread count follows it; the second token is not an XLA flag, and XLA's parser
+ignores it). "cores used" in the table is
 process CPU time / wall time of the steps, to show what the setting achieved.
+
+The CPUs of a shared machine may be busy with other processes: the table says how much CPU
+time other processes took on the pinned CPUs during each framework's steps ("others", from the
+per-CPU lines of /proc/stat) and warns. torch's OpenMP threads spin at every barrier by default, which makes a 2-thread torch step
+erratic and many times slower when another process holds one of the CPUs; `--omp-wait-policy
+PASSIVE` makes them sleep instead (XLA's pool showed no such effect here).
 
 Peak memory is the process's VmHWM from /proc/self/status (peak resident set), reset with
 `/proc/self/clear_refs` (5) before each warm-up where the kernel allows it, so that each
 framework's warm-up peak is its own.
 
     python bench/stage2_bench.py [--threads 2] [--clips 2] [--steps 10] [--image-size 32 48]
-                                 [--expert-attention reference] [--json PATH]
+                                 [--expert-attention reference] [--omp-wait-policy PASSIVE] [--json PATH]
 """
 
 from __future__ import annotations
@@ -54,6 +61,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=int, default=1, help="untimed warm-up steps per framework (default 1)")
     parser.add_argument("--image-size", type=int, nargs=2, default=(32, 48), metavar=("H", "W"))
     parser.add_argument("--expert-attention", choices=("reference", "default"), default="reference")
+    parser.add_argument("--omp-wait-policy", choices=("PASSIVE", "ACTIVE"), default=None,
+                        help="set OMP_WAIT_POLICY for torch's OpenMP pool (default: the environment's); "
+                             "PASSIVE keeps torch steady when other processes share the CPUs")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=str, default=None, metavar="PATH", help="write the results as JSON")
     return parser
@@ -74,6 +84,8 @@ if __name__ == "__main__":
     if "jax" in sys.modules or "torch" in sys.modules:
         raise SystemExit("jax or torch was imported before the thread settings")
     PINNED = _configure_threads(ARGS.threads)
+    if ARGS.omp_wait_policy:
+        os.environ["OMP_WAIT_POLICY"] = ARGS.omp_wait_policy
 
 import copy
 import functools
@@ -253,26 +265,31 @@ class TorchStage2:
 # ---------------------------------------------------------------------------------------------
 
 
-def machine_busy_seconds() -> tuple[float, float]:
-    """CPU seconds the whole machine has spent busy since boot (user, nice, system, irq, softirq)
-    and stolen by the hypervisor, from /proc/stat."""
+def busy_seconds(cpus: list[int]) -> tuple[float, float]:
+    """CPU seconds the given CPUs have spent busy since boot (user, nice, system, irq, softirq)
+    and stolen by the hypervisor, from the per-CPU lines of /proc/stat."""
+    wanted = {f"cpu{c}" for c in cpus}
+    busy = stolen = 0
     with open("/proc/stat") as stat:
-        fields = [int(v) for v in stat.readline().split()[1:]]
+        for line in stat:
+            name, *fields = line.split()
+            if name in wanted:
+                user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, fields[:8])
+                busy += user + nice + system + irq + softirq
+                stolen += steal
     tick = os.sysconf("SC_CLK_TCK")
-    user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
-    return (user + nice + system + irq + softirq) / tick, steal / tick
+    return busy / tick, stolen / tick
 
 
 def timed(fn):
-    """(result, wall s, this process's CPU s, other processes' CPU s, stolen s) of one call.
-
-    The other processes' CPU time is the machine's busy time minus this process's: a measure of
-    how much the step had to share the CPUs (1/100 s resolution)."""
-    busy, stolen = machine_busy_seconds()
+    """(result, wall s, this process's CPU s, other processes' CPU s on the pinned CPUs, stolen s)
+    of one call. The others' time is the pinned CPUs' busy time minus this process's: how much
+    the step had to share its CPUs (1/100 s resolution)."""
+    busy, stolen = busy_seconds(PINNED)
     wall, cpu = time.perf_counter(), time.process_time()
     result = fn()
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    busy_after, stolen_after = machine_busy_seconds()
+    busy_after, stolen_after = busy_seconds(PINNED)
     return result, wall, cpu, max(busy_after - busy - cpu, 0.0), stolen_after - stolen
 
 
@@ -299,7 +316,8 @@ def main() -> None:
         "python": platform.python_version(), "jax": jax.__version__, "torch": torch.__version__,
         "transformers": transformers.__version__, "jax_backend": jax.default_backend(),
         "cpus_pinned": PINNED, "cpus_machine": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-        "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""), "memory_measure": "/proc/self/status VmHWM (peak RSS)"}}
+        "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""), "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
+        "memory_measure": "/proc/self/status VmHWM (peak RSS)"}}
     workdir = Path(tempfile.mkdtemp(prefix="alpamayo-stage2-bench-"))
     try:
         hf, vlm = write_checkpoint(workdir, args.seed)
@@ -348,7 +366,8 @@ def main() -> None:
                   "waypoints": int(waypoints), "checkpoint_mib": checkpoint_mib}
         print(f"jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__}, transformers "
               f"{transformers.__version__}; {args.threads} thread(s): pinned to CPUs {PINNED} of {os.cpu_count()}, "
-              f"torch.get_num_threads() = {torch.get_num_threads()}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+              f"torch.get_num_threads() = {torch.get_num_threads()}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, "
+              f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
         print(f"medium config, float32: {parameters['jax_total'] / 1e6:.1f} M parameters "
               f"(torch {parameters['torch_total'] / 1e6:.1f} M), trained {parameters['jax_trained'] / 1e6:.2f} M "
               f"(torch {parameters['torch_trained'] / 1e6:.2f} M); checkpoint {checkpoint_mib:.0f} MiB")
@@ -432,14 +451,14 @@ def main() -> None:
               f"({'JAX faster' if ratio < 1 else 'torch faster'} by {max(ratio, 1 / ratio):.2f}x)")
         print(f"  JAX first call (trace + compile + one step): {warm_jax[0]:.2f} s = about "
               f"{warm_jax[0] - jax_summary['median_s']:.2f} s of compilation")
-        print(f"  cores used: this process's CPU s / wall s; others: CPU s of all other processes on the machine "
-              f"per wall s (/proc/stat), stolen {jax_summary['stolen_cores']:.2f} / "
-              f"{torch_summary['stolen_cores']:.2f}; load average {load_before[0]:.2f} before, "
-              f"{load_after[0]:.2f} after the timed steps")
+        print(f"  cores used: this process's CPU s / wall s; others: CPU s of other processes on the pinned "
+              f"CPUs {PINNED} per wall s (/proc/stat); stolen {jax_summary['stolen_cores']:.2f} / "
+              f"{torch_summary['stolen_cores']:.2f}; load average (whole machine, {os.cpu_count()} CPUs) "
+              f"{load_before[0]:.2f} before, {load_after[0]:.2f} after the timed steps")
         contended = max(jax_summary["other_processes_cores"], torch_summary["other_processes_cores"])
         if contended > 0.1:
-            print(f"  WARNING: other processes used up to {contended:.2f} cores during the timed steps: the "
-                  f"numbers are contended (of {len(PINNED)} pinned CPUs, {os.cpu_count()} on the machine)")
+            print(f"  WARNING: other processes used up to {contended:.2f} of the {len(PINNED)} pinned CPUs during "
+                  f"the timed steps: the numbers are contended")
 
         print(f"\npeak resident memory (VmHWM, MiB){'' if reset_ok else ' - clear_refs not allowed: cumulative'}:")
         print(f"  {'':28s} {'RSS':>8s} {'peak':>8s}")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -96,7 +97,11 @@ class Stage2Trainer:
         (B, W, 2) fitted to its ground truth. Jitted; `state` is donated (do not reuse it)."""
         context = contextlib.nullcontext() if self.mesh is None else jax.set_mesh(self.mesh)
         with context:
-            return _jitted_step(self)(state, self.frozen, inputs, actions)
+            return self._jitted_step(state, self.frozen, inputs, actions)
+
+    @functools.cached_property
+    def _jitted_step(self) -> Callable:
+        return jax.jit(functools.partial(_train_step, self), donate_argnums=(0,))
 
     def loss(self, params: nnx.State, frozen: nnx.State, inputs, actions, key) -> tuple[jax.Array, object]:
         model = nnx.merge(self.graphdef, params, frozen)
@@ -116,16 +121,6 @@ def _train_step(trainer: Stage2Trainer, state: TrainState, frozen: nnx.State, in
     new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                               opt_state=opt_state)
     return new_state, metrics
-
-
-_STEPS: dict[Stage2Trainer, Callable] = {}
-
-
-def _jitted_step(trainer: Stage2Trainer) -> Callable:
-    if trainer not in _STEPS:
-        _STEPS[trainer] = jax.jit(lambda state, frozen, inputs, actions: _train_step(trainer, state, frozen, inputs,
-                                                                                     actions), donate_argnums=(0,))
-    return _STEPS[trainer]
 
 
 # ---------------------------------------------------------------------------------------------
