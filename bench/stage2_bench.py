@@ -11,7 +11,11 @@ clips with ground truth, collated once. One training step is
 
 JAX: `Stage2Trainer.step` (jitted, state donated). PyTorch: the same computation written with
 transformers' Qwen3-VL modules (`alpamayo_reference.reference.TorchAlpamayo`) and torch.optim.AdamW
-under the same learning-rate table. Both see the same clean actions x (`fit_actions`), and the
+under the same learning-rate table: `OptimizerConfig.stage2` over this run's steps with no warmup
+(learning rate 1e-4 decaying to 1e-6; the recipe's 100 warmup steps would keep a 12-step run
+near 1e-6), betas, eps, weight decay 0 and clipping 1.0 from the same config. The PyTorch VLM
+forward is `vlm.model` (no lm_head: its logits are not part of the stage-2 loss, and XLA drops
+them from the JAX program). Both see the same clean actions x (`fit_actions`), and the
 flow times and noise of step k are the trainer's own draw for step k (`draw_flow(fold_in(key, k))`,
 recomputed on the host and handed to the PyTorch step), so both compute the same loss; the
 losses of every step are compared (relative difference).
@@ -22,20 +26,22 @@ tokens) and the cache is cropped at the last row's `<|traj_future_start|>`; "def
 trainer's default mode, the action tokens see each other in full and left padding is masked
 (PyTorch gets the equivalent explicit 4-D additive mask).
 
-Timing is interleaved (one JAX step, one PyTorch step, ...) after one warm-up step each (the
-first JAX call traces and compiles; its time is reported separately). Threads: `--threads k` pins
-the process to k CPUs (os.sched_setaffinity, before jax and torch start their pools), calls
+Timing is interleaved (one JAX step, one PyTorch step, ...) after `--warmup` (2) warm-up steps
+each, JAX's first; the first JAX call traces and compiles, and its time is reported separately.
+Threads: `--threads k` pins the process to k CPUs (os.sched_setaffinity, before jax and torch
+start their pools), calls
 `torch.set_num_threads(k)` and, for k = 1, sets `XLA_FLAGS=--xla_cpu_multi_thread_eigen=false
 intra_op_parallelism_threads=1` before jax is imported (XLA sizes its CPU thread pools from the
 affinity: its thread count follows it; the second token is not an XLA flag, and XLA's parser
 ignores it). "cores used" in the table is
 process CPU time / wall time of the steps, to show what the setting achieved.
 
-The CPUs of a shared machine may be busy with other processes: the table says how much CPU
-time other processes took on the pinned CPUs during each framework's steps ("others", from the
-per-CPU lines of /proc/stat) and warns. torch's OpenMP threads spin at every barrier by default, which makes a 2-thread torch step
-erratic and many times slower when another process holds one of the CPUs; `--omp-wait-policy
-PASSIVE` makes them sleep instead (XLA's pool showed no such effect here).
+The CPUs of a shared machine may be busy with other processes: the table says how much CPU time
+other processes took on the pinned CPUs during each framework's steps ("others", from the per-CPU
+lines of /proc/stat) and warns. torch's OpenMP threads spin at every barrier by default, which
+makes a 2-thread torch step erratic and many times slower when another process holds one of the
+CPUs; `--omp-wait-policy PASSIVE` makes them sleep instead (XLA's pool showed no such effect
+here).
 
 Peak memory is the process's VmHWM from /proc/self/status (peak resident set), reset with
 `/proc/self/clear_refs` (5) before each warm-up where the kernel allows it, so that each
@@ -58,7 +64,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="CPUs to pin to, torch threads and XLA threading (default 2)")
     parser.add_argument("--clips", type=int, default=2, help="batch size B (default 2)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per framework (default 10)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed warm-up steps per framework (default 1)")
+    parser.add_argument("--warmup", type=int, default=2,
+                        help="untimed warm-up steps per framework (default 2: the second JAX call is still "
+                             "slower than the rest)")
     parser.add_argument("--image-size", type=int, nargs=2, default=(32, 48), metavar=("H", "W"))
     parser.add_argument("--expert-attention", choices=("reference", "default"), default="reference")
     parser.add_argument("--omp-wait-policy", choices=("PASSIVE", "ACTIVE"), default=None,
@@ -190,8 +198,12 @@ def make_clips(count: int, image_size: tuple[int, int]):
 
 
 class TorchStage2:
-    """NVIDIA's stage-2 step over `TorchAlpamayo`: VLM without gradient, cropped cache, expert,
-    MSE to x - eps, backward into the expert and projections, clipping, AdamW."""
+    """The stage-2 step of NVIDIA's recipe over `TorchAlpamayo`: VLM without gradient, cropped
+    cache, expert, MSE to x - eps, backward into the expert and projections, clipping, AdamW. With
+    `expert_attention="reference"` the expert call is the recipe's (no mask); with "default" it
+    gets the explicit mask of the trainer's default mode. The expert positions are the crop
+    length + the rope deltas of the collated inputs (the recipe adds the VLM's rope deltas to the
+    cropped cache length: the same numbers)."""
 
     def __init__(self, reference: TorchAlpamayo, inputs, optimizer: OptimizerConfig, expert_attention: str,
                  future_start_id: int, num_waypoints: int):
@@ -205,7 +217,8 @@ class TorchStage2:
         self.optimizer = torch.optim.AdamW(self.parameters, lr=optimizer.learning_rate,
                                            betas=(optimizer.b1, optimizer.b2), eps=optimizer.eps,
                                            weight_decay=optimizer.weight_decay)
-        self.lr_table = [float(learning_rate_schedule(optimizer)(k)) for k in range(optimizer.total_steps + 1)]
+        schedule = learning_rate_schedule(optimizer)
+        self.lr_table = [float(schedule(k)) for k in range(optimizer.total_steps + 1)]
         self.step_count = 0
         self.vlm_inputs = {
             "input_ids": torch.from_numpy(np.array(inputs.input_ids, np.int64)),
@@ -225,7 +238,8 @@ class TorchStage2:
         else:
             # Crop at the longest row, hide each row's columns past its own crop and its padding.
             self.crop = int(lengths.max())
-            visible = (np.arange(self.crop)[None, :] < lengths[:, None]) & np.asarray(inputs.attention_mask)[:, :self.crop]
+            visible = np.arange(self.crop)[None, :] < lengths[:, None]
+            visible &= np.asarray(inputs.attention_mask, bool)[:, :self.crop]
             visible = np.concatenate([visible, np.ones((batch, num_waypoints), bool)], axis=1)
             bias = np.where(visible, 0.0, np.finfo(np.float32).min).astype(np.float32)
             self.mask = torch.from_numpy(np.ascontiguousarray(
@@ -233,7 +247,8 @@ class TorchStage2:
             offsets = lengths
         # The positions the tokens after the crop would have had, on all three rotary axes.
         positions = (offsets + np.asarray(inputs.rope_deltas))[:, None] + np.arange(num_waypoints)[None, :]
-        self.expert_positions = torch.from_numpy(np.broadcast_to(positions, (3, *positions.shape)).astype(np.int64))
+        positions = np.broadcast_to(positions, (3, *positions.shape)).astype(np.int64)
+        self.expert_positions = torch.from_numpy(positions)
 
     def loss(self, x: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -248,7 +263,7 @@ class TorchStage2:
         prediction = self.reference.action_out_proj(hidden[:, -self.waypoints:])
         return torch.mean((prediction - (x - noise)) ** 2)
 
-    def step(self, x: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> dict[str, float]:
+    def step(self, x: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> dict[str, torch.Tensor]:
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_table[min(self.step_count, len(self.lr_table) - 1)]
         self.optimizer.zero_grad(set_to_none=True)
@@ -346,7 +361,8 @@ def main() -> None:
                         torch.from_numpy(np.array(d.noise, np.float32))) for d in draws]
 
         # --- JAX trainer
-        trainer, state = Stage2Trainer.create(pipeline.model, optimizer, key, expert_attention=args.expert_attention)
+        trainer, state = Stage2Trainer.create(pipeline.model, optimizer, key,
+                                              expert_attention=args.expert_attention)
         initial_params = jax.tree.map(jnp.copy, state.params)  # the state is donated
         device_inputs, device_actions = jax.device_put(inputs), jax.device_put(actions)
         # --- PyTorch step
@@ -443,10 +459,11 @@ def main() -> None:
         print(f"\nseconds per training step (forward + backward + AdamW), median of {args.steps} interleaved "
               f"steps after {args.warmup} warm-up step(s):")
         print(f"  {'':8s} {'median s':>9s} {'min s':>8s} {'max s':>8s} {'steps/s':>8s} {'cores used':>10s} "
-              f"{'others':>7s} {'first call s':>12s}")
+              f"{'others':>7s}  warm-up calls s")
         for name, s, warm in (("jax", jax_summary, warm_jax), ("torch", torch_summary, warm_torch)):
             print(f"  {name:8s} {s['median_s']:9.4f} {s['min_s']:8.4f} {s['max_s']:8.4f} {s['steps_per_s']:8.2f} "
-                  f"{s['cores_used']:10.2f} {s['other_processes_cores']:7.2f} {warm[0]:12.2f}")
+                  f"{s['cores_used']:10.2f} {s['other_processes_cores']:7.2f}  "
+                  + ", ".join(f"{w:.2f}" for w in warm))
         print(f"  ratio JAX / torch (median seconds per step): {ratio:.3f}  "
               f"({'JAX faster' if ratio < 1 else 'torch faster'} by {max(ratio, 1 / ratio):.2f}x)")
         print(f"  JAX first call (trace + compile + one step): {warm_jax[0]:.2f} s = about "
@@ -465,10 +482,12 @@ def main() -> None:
         for name, m in memory_log.items():
             print(f"  {name.replace('_', ' '):28s} {m['rss_mib']:8.0f} {m['peak_mib']:8.0f}")
         if reset_ok:
-            print(f"  peak reset before each warm-up: JAX warm-up peak {memory_log['after_jax_warmup']['peak_mib']:.0f} "
-                  f"MiB (+{memory_log['after_jax_warmup']['peak_mib'] - memory_log['before_jax_warmup']['rss_mib']:.0f}"
-                  f" over its start), torch warm-up peak {memory_log['after_torch_warmup']['peak_mib']:.0f} MiB "
-                  f"(+{memory_log['after_torch_warmup']['peak_mib'] - memory_log['before_torch_warmup']['rss_mib']:.0f})")
+            peaks = {name: (memory_log[f"after_{name}_warmup"]["peak_mib"],
+                            memory_log[f"after_{name}_warmup"]["peak_mib"] - memory_log[f"before_{name}_warmup"]["rss_mib"])
+                     for name in ("jax", "torch")}
+            print("  peak reset before each warm-up: " + ", ".join(
+                f"{name} warm-up peak {peak:.0f} MiB (+{added:.0f} over its start)"
+                for name, (peak, added) in peaks.items()))
 
         print("\nloss agreement (same weights, batch, x, flow times and noise; float32):")
         print(f"  draw check: stage2_loss on the host's draw 0 {injected:.7f} vs the trainer's step 0 "
