@@ -197,3 +197,11 @@ def test_clips_of_different_sizes_share_a_left_padded_batch(pipeline, golden, hi
         assert together.generated_token_ids[row][0][:len(mine)] == mine
         assert_close(together.actions[row], own.actions[0], 1e-5, f"row {row} actions, batched vs alone")
         assert_close(together.xyz[row], own.xyz[0], 1e-5, f"row {row} xyz, batched vs alone")
+
+
+def test_own_token_counts_exclude_the_padding_after_eos():
+    from alpamayo_jax.inference.pipeline import own_token_counts
+
+    eos, pad = 482, 480
+    raw = np.array([[5, 6, eos, pad, pad], [5, 6, 7, 8, 9], [eos, pad, pad, pad, pad]])
+    np.testing.assert_array_equal(own_token_counts(raw, eos), [3, 5, 1])
