@@ -45,20 +45,9 @@ def _load_noise(path: Path | None, rows: int, waypoints: int):
     """Initial flow noise from a `.npy` file (`np.save`), checked against the run's shape."""
     if path is None:
         return None
-    import zipfile
-
-    import numpy as np
-
     from alpamayo_jax.inference.pipeline import check_noise
 
-    if not path.is_file():
-        raise FileNotFoundError(f"--noise file not found: {path}")
-    if zipfile.is_zipfile(path):
-        raise ValueError(f"--noise {path} is an .npz archive; save the noise array alone with np.save (.npy)")
-    try:
-        noise = np.load(path, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as error:
-        raise ValueError(f"--noise {path} is not a readable .npy array ({error})") from None
+    noise = _read_npy(path, "--noise", "noise")
     try:
         return check_noise(noise, rows, waypoints)
     except ValueError as error:
@@ -286,16 +275,27 @@ def _loss(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_array(path: Path, flag: str, shape: tuple[int, ...] | None):
-    """A float32 .npy array of `shape` (any shape with None)."""
+def _read_npy(path: Path, flag: str, what: str):
+    """The `what` array of a `.npy` file (`np.save`) given by `flag`; a clear error for anything else."""
+    import zipfile
+
     import numpy as np
 
     if not path.is_file():
         raise FileNotFoundError(f"{flag} file not found: {path}")
+    if zipfile.is_zipfile(path):
+        raise ValueError(f"{flag} {path} is an .npz archive; save the {what} array alone with np.save (.npy)")
     try:
-        array = np.load(path, allow_pickle=False)
+        return np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError) as error:
         raise ValueError(f"{flag} {path} is not a readable .npy array ({error})") from None
+
+
+def _load_array(path: Path, flag: str, shape: tuple[int, ...] | None):
+    """A float32 .npy array of `shape` (any shape with None)."""
+    import numpy as np
+
+    array = _read_npy(path, flag, flag.removeprefix("--").replace("-", " "))
     if array.dtype.kind != "f" or not np.isfinite(array).all():
         raise ValueError(f"{flag} {path}: expected finite floating-point values, got {array.dtype}")
     if shape is not None and array.shape != shape:

@@ -59,14 +59,19 @@ def test_10b_places_on_one_device(abstract_10b):
     assert shardings["vlm.language_model.layers.0.self_attn.k_proj.kernel"].spec == PartitionSpec(None, "model", None)
 
 
-@pytest.fixture(scope="module")
-def multidevice(fixture_dir):
+def run_script(script: Path, fixture_dir) -> dict:
+    """Runs a multi-device script in a child process; returns the JSON it prints after RESULT."""
     env = {**os.environ, "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")}
-    run = subprocess.run([sys.executable, str(SCRIPT), str(fixture_dir)], capture_output=True, text=True,
+    run = subprocess.run([sys.executable, str(script), str(fixture_dir)], capture_output=True, text=True,
                          timeout=900, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
     line = next(line for line in run.stdout.splitlines() if line.startswith("RESULT "))
     return json.loads(line[len("RESULT "):])
+
+
+@pytest.fixture(scope="module")
+def multidevice(fixture_dir):
+    return run_script(SCRIPT, fixture_dir)
 
 
 @pytest.mark.parametrize("preset", ["model2", "data2", "data8", "data2_model2", "data4_model2", "model2_vocab_width"])
@@ -176,12 +181,7 @@ TRAINING_SCRIPT = Path(__file__).parent / "multidevice" / "parallel_training.py"
 
 @pytest.fixture(scope="module")
 def multidevice_training(fixture_dir):
-    env = {**os.environ, "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")}
-    run = subprocess.run([sys.executable, str(TRAINING_SCRIPT), str(fixture_dir)], capture_output=True, text=True,
-                         timeout=900, env=env)
-    assert run.returncode == 0, run.stderr[-3000:]
-    line = next(line for line in run.stdout.splitlines() if line.startswith("RESULT "))
-    return json.loads(line[len("RESULT "):])
+    return run_script(TRAINING_SCRIPT, fixture_dir)
 
 
 @pytest.mark.parametrize("preset", ["data4_model2", "data4_model2_fsdp"])

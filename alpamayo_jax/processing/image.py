@@ -182,12 +182,17 @@ def resize_bicubic_aa(image: np.ndarray, height: int, width: int) -> np.ndarray:
         raise ValueError(f"expected a (C, H, W) uint8 image, got {image.dtype} {image.shape}")
     if height <= 0 or width <= 0:
         raise ValueError(f"output size must be positive, got {height}x{width}")
-    # Width first, then height, with uint8 rounding in between; an unchanged axis is not filtered.
+    # With uint8 rounding between the two passes.
+    return _separable_resize(image, height, width, _resample_axis)
+
+
+def _separable_resize(image: np.ndarray, height: int, width: int, resample) -> np.ndarray:
+    """Width pass, then height pass (`resample(x, out_size, axis)`); an unchanged axis is not filtered."""
     out = image
     if width != image.shape[2]:
-        out = _resample_axis(out, width, axis=2)
+        out = resample(out, width, axis=2)
     if height != image.shape[1]:
-        out = _resample_axis(out, height, axis=1)
+        out = resample(out, height, axis=1)
     return out
 
 
@@ -218,12 +223,7 @@ def resize_bicubic_aa_float(image: np.ndarray, height: int, width: int) -> np.nd
         raise ValueError(f"expected a (C, H, W) float32 image, got {image.dtype} {image.shape}")
     if height <= 0 or width <= 0:
         raise ValueError(f"output size must be positive, got {height}x{width}")
-    out = image
-    if width != image.shape[2]:
-        out = _resample_axis_float(out, width, axis=2)
-    if height != image.shape[1]:
-        out = _resample_axis_float(out, height, axis=1)
-    return out
+    return _separable_resize(image, height, width, _resample_axis_float)
 
 
 # ---------------------------------------------------------------------------------------------
