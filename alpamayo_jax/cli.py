@@ -1,11 +1,11 @@
-"""Command line: `alpamayo-jax demo | infer | batch | train | loss | convert | export | verify`."""
+"""Command line: `alpamayo-jax demo | infer | batch | evaluate | train | loss | make-dataset | convert | export |
+verify | serve`."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
-
 
 MAX_SEED = 2**32 - 1  # JAX keeps 32 bits of an integer seed: larger seeds would collide silently
 
@@ -108,9 +108,11 @@ def _run(pipeline, settings, args, *, noise, clip=None, inputs=None, model_name:
     result = result_record(samples, 0, settings=settings, model=model_name, seed=args.seed)
     write_result(args.out, result)  # before the picture: a failed plot must not lose the result
     if args.plot:
-        from alpamayo_jax.plot import plot_trajectories
+        from alpamayo_jax.evaluation.plots import plot_bird_eye_view, save_figure
 
-        plot_trajectories(args.plot, history, samples.xyz[0], title="alpamayo-jax")
+        truth = None if clip is None else clip.ego_future_xyz
+        save_figure(plot_bird_eye_view(history, samples.xyz[0], ground_truth_xyz=truth, title="alpamayo-jax"),
+                    args.plot)
     return result
 
 
@@ -163,6 +165,50 @@ def _batch(args: argparse.Namespace) -> int:
     return 1 if summary.failed else 0
 
 
+def _evaluate(args: argparse.Namespace) -> int:
+    """Model + clips with ground truth -> per-clip results and the reference's metrics."""
+    import jax
+    from tqdm import tqdm
+
+    from alpamayo_jax.evaluation.evaluate import evaluate, open_source, read_clip_list
+
+    if args.score_only == (args.model is not None):
+        raise ValueError("pass --model to run the clips, or --score-only to score the results in --out-dir")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.out_dir.exists() and not args.out_dir.is_dir():
+        raise ValueError(f"--out-dir {args.out_dir} exists and is not a directory")
+    if args.score_only and not args.out_dir.is_dir():
+        raise FileNotFoundError(f"--score-only: no results directory {args.out_dir}")
+    t0 = int(args.t0) if args.t0.lstrip("-").isdigit() else args.t0
+    source = open_source(args.data, None if args.clips is None else read_clip_list(args.clips), t0=t0)
+    pipeline = settings = None
+    if not args.score_only:
+        _, settings = _checked_model(args)
+        pipeline = _load_pipeline(args)
+    minimum = []
+    with tqdm(total=len(source), unit="clip", disable=args.quiet or jax.process_index() != 0) as bar:
+        def progress(name, metrics):
+            if metrics is None:
+                bar.set_postfix_str(f"{name}: failed", refresh=False)
+                return
+            bar.update(1)
+            minimum.append(metrics["min_ade"])
+            bar.set_postfix(min_ade=f"{sum(minimum) / len(minimum):.3f}", refresh=False)
+
+        report = evaluate(source, args.out_dir, pipeline=pipeline, settings=settings, seed=args.seed,
+                          batch_size=args.batch_size, plots=args.plots, on_clip=progress,
+                          provenance={"model": None if args.model is None else str(args.model),
+                                      "data": str(args.data)})
+    mean = report["mean"]
+    print(f"{report['num_clips']} clips scored, {report['num_failed']} failed -> {args.out_dir}")
+    if mean:
+        print("  " + ", ".join(f"{key} {mean[key]:.4f}" for key in ("min_ade", "ade", "fde", "corner_distance")))
+    for why in report["failed"].values():
+        print(f"  failed: {why}", file=sys.stderr)
+    return 1 if report["num_failed"] else 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     """The embedded tiny model (NVIDIA's tiny random-weight reference checkpoint, shipped with the
     package) on a synthetic clip: no network, no arguments needed."""
@@ -197,12 +243,14 @@ def _stage(args: argparse.Namespace) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    """Model + clips with ground truth -> a stage-2 run directory (checkpoints, metrics.jsonl)."""
+    """Model + clips with ground truth -> a stage-2 run directory (checkpoints, metrics.jsonl) and,
+    with --export, a bundle of the trained model."""
     import jax
     from tqdm import tqdm
 
     from alpamayo_jax.inference.batch import clip_paths
-    from alpamayo_jax.inference.pipeline import Pipeline
+    from alpamayo_jax.io.convert import save_model_bundle
+    from alpamayo_jax.sharding import FSDP_RULES, LOGICAL_RULES
     from alpamayo_jax.training.data import load_training_clips
     from alpamayo_jax.training.optimizer import OptimizerConfig
     from alpamayo_jax.training.trainer import Stage2Trainer, train, trained_model
@@ -214,13 +262,16 @@ def _train(args: argparse.Namespace) -> int:
             raise ValueError(f"{flag} must be >= 1, got {value}")
     if args.export is not None and args.export.exists():
         raise FileExistsError(f"--export {args.export} already exists")
+    if args.fsdp and args.mesh is None:
+        raise ValueError("--fsdp shards over a mesh: pass --mesh too")
     optimizer = OptimizerConfig.stage2(args.steps, **({} if args.lr is None else {"learning_rate": args.lr}),
                                        **({} if args.warmup is None else {"warmup_steps": args.warmup}))
     clips = load_training_clips(clip_paths(args.data))  # every clip checked before the model loads
-    pipeline = Pipeline.load(args.model, dtype=args.dtype, processor_dir=args.processor_dir)
+    pipeline = _load_pipeline(args)
     trainer, state = Stage2Trainer.create(pipeline.model, optimizer, jax.random.key(args.seed),
-                                          expert_attention=args.expert_attention)
-    with tqdm(total=args.steps, unit="step", disable=args.quiet) as bar:
+                                          expert_attention=args.expert_attention, mesh=pipeline.mesh,
+                                          rules=FSDP_RULES if args.fsdp else LOGICAL_RULES, remat=args.remat)
+    with tqdm(total=args.steps, unit="step", disable=args.quiet or jax.process_index() != 0) as bar:
         def progress(step, record):
             bar.n = step
             bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['learning_rate']:.2e}", refresh=True)
@@ -233,14 +284,12 @@ def _train(args: argparse.Namespace) -> int:
     print(f"{steps_run} steps in {result.seconds:.1f} s ({steps_run / max(result.seconds, 1e-9):.2f} steps/s), "
           f"last loss {result.losses[-1]:.4f} -> {args.out}" if steps_run else f"nothing to do: {args.out} is at "
           f"step {int(result.state.step)}")
-    if args.export is not None:  # a bundle's config.json is its source checkpoint's
-        import json
-
-        from alpamayo_jax.io.hf import CONFIG_FILE, save_hf_checkpoint
-
-        config = json.loads((args.model / CONFIG_FILE).read_text())
-        save_hf_checkpoint(trained_model(trainer, result.state), args.export, config)
-        print(f"exported the trained model to {args.export} (Hugging Face layout; `convert` makes a bundle of it)")
+    if args.export is not None:
+        provenance = {"stage": args.stage, "run_dir": str(args.out.absolute()), "step": int(result.state.step),
+                      "seed": args.seed, "expert_attention": args.expert_attention}
+        save_model_bundle(trained_model(trainer, result.state), args.model, args.export,
+                          processor_dir=args.processor_dir, provenance=provenance)
+        print(f"exported the trained model to {args.export} (a bundle; `export` writes Hugging Face safetensors)")
     return 0
 
 
@@ -251,8 +300,8 @@ def _loss(args: argparse.Namespace) -> int:
 
     from alpamayo_jax.inference.pipeline import Pipeline
     from alpamayo_jax.io.safetensors import write_safetensors
-    from alpamayo_jax.training.data import load_training_clips
     from alpamayo_jax.processing.collate import collate
+    from alpamayo_jax.training.data import load_training_clips
     from alpamayo_jax.training.stage2 import FlowDraw, fit_actions, stage2_gradients
 
     _stage(args)
@@ -342,7 +391,14 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    """Bundle vs a PyTorch reference built from the same checkpoint; non-zero exit above tolerance."""
+    """Bundle vs a PyTorch reference built from the same checkpoint (default), or with --stage 2 one
+    stage-2 forward/backward through NVIDIA's training code and ours; non-zero exit above tolerance
+    (2 when the reference cannot run)."""
+    if args.stage == "2":
+        return _verify_stage2(args)
+    if args.hf_dir is None:
+        print("alpamayo-jax verify: error: --hf-dir is required (the source checkpoint directory)", file=sys.stderr)
+        return 2
     try:
         from alpamayo_reference.verify import format_report, report_json, verify
     except ImportError as error:
@@ -356,6 +412,49 @@ def _verify(args: argparse.Namespace) -> int:
         args.json.write_text(report_json(errors) + "\n")
     failed = [e.stage for e in errors if not e.ok]
     print("verification " + ("FAILED: " + ", ".join(failed) if failed else "passed"))
+    return 1 if failed else 0
+
+
+def _verify_stage2(args: argparse.Namespace) -> int:
+    """`verify --stage 2`: per-tensor errors of the batch, the loss and every trainable gradient,
+    NVIDIA's stage-2 training code (--reference-src) vs ours, on the same clips and flow draws."""
+    missing = [flag for flag, value in (("--examples", args.examples), ("--flow-timesteps", args.flow_timesteps),
+                                        ("--flow-noise", args.flow_noise), ("--processor-dir", args.processor_dir))
+               if value is None]
+    if missing:
+        print(f"alpamayo-jax verify --stage 2: error: {', '.join(missing)} required", file=sys.stderr)
+        return 2
+    _output_file(args.json, "--json")
+    try:
+        from alpamayo_reference.verify import format_report
+        from alpamayo_reference.verify_training import (
+            ReferenceUnavailable,
+            check_reference,
+            report_json,
+            verify_stage2,
+        )
+    except ImportError as error:
+        print(f"alpamayo-jax verify needs the PyTorch reference (pip install -e '.[test]'): {error}",
+              file=sys.stderr)
+        return 2
+    try:
+        check_reference(args.reference_src)  # before any clip or model loads
+    except ReferenceUnavailable as error:
+        print(f"alpamayo-jax verify --stage 2: {error}", file=sys.stderr)
+        return 2
+    timesteps = _load_array(args.flow_timesteps, "--flow-timesteps", (len(args.examples),))
+    noise = _load_array(args.flow_noise, "--flow-noise", None)
+    report = verify_stage2(args.model, args.examples, processor_dir=args.processor_dir,
+                           reference_src=args.reference_src, flow_timesteps=timesteps, flow_noise=noise,
+                           expert_attention=args.expert_attention, actions=args.actions, hf_dir=args.hf_dir,
+                           tolerance=args.tolerance)
+    print(format_report(report.errors))
+    for note in report.notes:
+        print(f"note: {note}")
+    if args.json:
+        args.json.write_text(report_json(report) + "\n")
+    failed = [e.stage for e in report.errors if not e.ok]
+    print(f"verification {'FAILED: ' + str(len(failed)) + ' of ' + str(len(report.errors)) + ' tensors' if failed else 'passed'}")
     return 1 if failed else 0
 
 
@@ -392,11 +491,14 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--out", type=Path, default=Path("alpamayo_demo.json"), help="result JSON")
     demo.set_defaults(run=_demo, mesh=None, dtype=None)
 
-    def model_options(command):
-        command.add_argument("--model", type=_existing_dir, required=True, help="bundle or Hugging Face directory")
+    def model_options(command, *, parallel: bool = True, model_required: bool = True):
+        command.add_argument("--model", type=_existing_dir, required=model_required,
+                             help="bundle or Hugging Face directory")
         command.add_argument("--processor-dir", type=_existing_dir,
                              help="tokenizer/template for a Hugging Face --model")
         command.add_argument("--dtype", choices=["float32", "bfloat16"], help="parameter dtype (default: as stored)")
+        if not parallel:
+            return
         command.add_argument("--mesh", help="device mesh: a preset (single, model2, data8, data2_model4, ...) or "
                                             "DATAxMODEL; default: no mesh (one device)")
         command.add_argument("--distributed", action="store_true",
@@ -426,6 +528,27 @@ def main(argv: list[str] | None = None) -> int:
     sampling_options(batch, noise=False)
     batch.set_defaults(run=_batch)
 
+    evaluate = commands.add_parser("evaluate", help="run and score clips with ground truth: minADE and the "
+                                                    "reference's metrics, plots")
+    model_options(evaluate, model_required=False)
+    evaluate.add_argument("--data", type=_existing_dir, required=True,
+                          help="a PhysicalAI-AV dataset root, or a directory of clip .npz files with ground truth")
+    evaluate.add_argument("--clips", help="only these clips: a file with one name per line, or names separated "
+                                          "by commas (file stems, or dataset clip ids, optionally ID@T0_US)")
+    evaluate.add_argument("--t0", default="keyframe",
+                          help="dataset samples: keyframe (5.1 s, default), first_event, all_events, or "
+                               "microseconds")
+    evaluate.add_argument("--out-dir", type=Path, required=True,
+                          help="results (<clip name>.json, reused when present), metrics.json, metrics.csv, "
+                               "summary.png")
+    evaluate.add_argument("--score-only", action="store_true",
+                          help="score the results already in --out-dir (no --model needed)")
+    evaluate.add_argument("--batch-size", type=int, help="clips per batch (default: the mesh's data axis size)")
+    evaluate.add_argument("--plots", action="store_true", help="also per clip: bird's-eye view and camera mosaic")
+    evaluate.add_argument("--quiet", action="store_true", help="no progress bar")
+    sampling_options(evaluate, noise=False)
+    evaluate.set_defaults(run=_evaluate, num_samples=6, seed=42)
+
     dtypes = ["bfloat16", "float32"]
     convert = commands.add_parser("convert", help="convert a Hugging Face checkpoint into a bundle")
     convert.add_argument("--hf-dir", type=_existing_dir, required=True, help="Alpamayo-R1 checkpoint directory")
@@ -444,19 +567,16 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("--force", action="store_true", help="replace an existing --out")
     export.set_defaults(run=_export)
 
-    def training_options(command):
+    def training_options(command, *, parallel: bool):
         command.add_argument("--stage", type=int, choices=[1, 2], required=True,
                              help="2: the action expert on the frozen VLM (stage 1 is not implemented yet)")
-        command.add_argument("--model", type=_existing_dir, required=True, help="bundle or Hugging Face directory")
-        command.add_argument("--processor-dir", type=_existing_dir,
-                             help="tokenizer/template for a Hugging Face --model")
-        command.add_argument("--dtype", choices=["float32", "bfloat16"], help="parameter dtype (default: as stored)")
+        model_options(command, parallel=parallel)
         command.add_argument("--expert-attention", choices=["default", "reference"], default="default",
                              help="default: action tokens attend bidirectionally, as at inference, padding "
                                   "masked; reference: NVIDIA's training code exactly (causal, padding visible)")
 
     train_command = commands.add_parser("train", help="fine-tune (stage 2: the action expert) on clips with ground truth")
-    training_options(train_command)
+    training_options(train_command, parallel=True)
     train_command.add_argument("--data", type=Path, required=True,
                                help="directory of clip .npz files with ego_future_xyz/rot, or a list of them")
     train_command.add_argument("--out", type=Path, required=True, help="run directory: checkpoints/, metrics.jsonl")
@@ -468,12 +588,32 @@ def main(argv: list[str] | None = None) -> int:
     train_command.add_argument("--save-every", type=int, default=100, help="checkpoint interval in steps")
     train_command.add_argument("--keep", type=int, default=3, help="checkpoints to keep")
     train_command.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
-    train_command.add_argument("--export", type=Path, help="write the trained model here (Hugging Face layout)")
+    train_command.add_argument("--fsdp", action="store_true",
+                               help="with --mesh: also split every parameter and its optimizer state over the "
+                                    "data axis (FSDP); default: tensor parallel over the model axis only")
+    train_command.add_argument("--remat", action="store_true",
+                               help="recompute the expert's layer activations in the backward pass (less memory)")
+    train_command.add_argument("--export", type=Path,
+                               help="write the trained model here as a bundle (what `infer` reads)")
     train_command.add_argument("--quiet", action="store_true", help="no progress bar")
     train_command.set_defaults(run=_train)
 
+    from alpamayo_jax.serving.command import add_arguments as add_serve_arguments
+    from alpamayo_jax.serving.command import main as serve_main
+
+    serve = commands.add_parser("serve", help="a warm policy server: AlpaSim egodriver (gRPC) and NIM-style HTTP")
+    add_serve_arguments(serve)
+    serve.set_defaults(run=serve_main)
+
+    from alpamayo_jax.data import synthetic_dataset
+
+    make_dataset = commands.add_parser("make-dataset",
+                                       help="write a small synthetic dataset in the PhysicalAI-AV layout")
+    synthetic_dataset.add_arguments(make_dataset)
+    make_dataset.set_defaults(run=synthetic_dataset.main)
+
     loss = commands.add_parser("loss", help="one forward/backward: the loss and every trainable gradient")
-    training_options(loss)
+    training_options(loss, parallel=False)
     loss.add_argument("--examples", type=Path, nargs="+", required=True, help="clip .npz files with ground truth")
     loss.add_argument("--flow-timesteps", type=Path, required=True, help=".npy (B,) flow times, one per example")
     loss.add_argument("--flow-noise", type=Path, required=True, help=".npy (B, waypoints, 2) flow noise")
@@ -481,13 +621,36 @@ def main(argv: list[str] | None = None) -> int:
                       help=".safetensors with `loss` and `grad.<checkpoint key>` (checkpoint layout, float32)")
     loss.set_defaults(run=_loss)
 
-    verify = commands.add_parser("verify", help="compare a bundle with the PyTorch reference, stage by stage")
-    verify.add_argument("--model", type=_existing_dir, required=True, help="bundle (or Hugging Face) directory")
-    verify.add_argument("--hf-dir", type=_existing_dir, required=True, help="the source checkpoint directory")
-    verify.add_argument("--processor-dir", type=_existing_dir, help="backbone config directory if not a preset")
-    verify.add_argument("--tolerance", type=float, default=1e-4, help="max relative error per stage")
+    verify = commands.add_parser("verify", help="compare with the PyTorch reference: inference stage by stage "
+                                                "(default), or --stage 2: fine-tuning gradients vs NVIDIA's code")
+    verify.add_argument("--stage", choices=["inference", "2"], default="inference",
+                        help="inference (default): a bundle vs a PyTorch model of its source checkpoint; 2: one "
+                             "stage-2 training step's loss and gradients vs NVIDIA's training code")
+    verify.add_argument("--model", type=_existing_dir, required=True,
+                        help="bundle (or Hugging Face) directory; with --stage 2 a Hugging Face checkpoint, or a "
+                             "bundle with --hf-dir")
+    verify.add_argument("--hf-dir", type=_existing_dir,
+                        help="the source checkpoint directory (required without --stage 2; with it, what the "
+                             "reference loads, default --model)")
+    verify.add_argument("--processor-dir", type=_existing_dir,
+                        help="backbone config directory if not a preset (required with --stage 2)")
+    verify.add_argument("--tolerance", type=float, default=1e-4, help="max relative error per stage / tensor")
     verify.add_argument("--seed", type=int, default=0)
     verify.add_argument("--json", type=Path, help="also write the errors as JSON here")
+    stage2 = verify.add_argument_group("--stage 2")
+    stage2.add_argument("--examples", type=Path, nargs="+", help="clip .npz files with ground truth, one batch")
+    stage2.add_argument("--flow-timesteps", type=Path, help=".npy (B,) flow times, one per example")
+    stage2.add_argument("--flow-noise", type=Path, help=".npy (B, waypoints, 2) flow noise")
+    stage2.add_argument("--reference-src", type=Path,
+                        help="an NVlabs/alpamayo source tree; its Python dependencies (hydra-core, omegaconf, "
+                             "antlr4-python3-runtime, colorlog, torchvision) must be importable")
+    stage2.add_argument("--expert-attention", choices=["reference", "default"], default="reference",
+                        help="our expert's attention: reference (default; NVIDIA's training code: causal, padding "
+                             "visible) or default (as at inference; expected to differ)")
+    stage2.add_argument("--actions", choices=["reference", "ours"], default="reference",
+                        help="clean actions x our loss starts from: reference (default: NVIDIA's traj_to_action, so "
+                             "the gradients test the VLM cache, expert and loss) or ours (end to end; traj_to_action "
+                             "is ill-conditioned in float32, use a tolerance like 5e-2)")
     verify.set_defaults(run=_verify)
 
     args = parser.parse_args(argv)

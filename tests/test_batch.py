@@ -67,8 +67,9 @@ def test_results_are_the_batched_runs(pipeline, sampled, clips, clip_dir, tmp_pa
         assert written["settings"] == sampled.to_json() and (written["model"], written["seed"]) == ("tiny", 5)
         np.testing.assert_array_equal(np.asarray(written["xyz"], np.float32), samples.xyz[index])
         assert np.asarray(written["rotation"]).shape == (2, 64, 3, 3)
-        assert written["batch"] == ({"number": 0, "clips": ["a", "b"], "size": 2} if name != "c"
-                                    else {"number": 1, "clips": ["c"], "size": 2})
+        key_rule = {"key": "fold_in(key, number)"}
+        assert written["batch"] == ({"number": 0, "clips": ["a", "b"], "size": 2, **key_rule} if name != "c"
+                                    else {"number": 1, "clips": ["c"], "size": 2, **key_rule})
 
     # A rerun keeps what exists; overwrite recomputes.
     again = run_clips(pipeline, clip_paths(clip_dir), tmp_path / "out", key, sampled, batch_size=2)
@@ -119,7 +120,8 @@ def test_batch_command(fixture_dir, clip_dir, tmp_path):
     assert "3 clips written, 0 skipped (results exist), 1 failed" in run.stdout
     assert "failed: " + str(clip_dir / "broken.npz") in run.stderr
     assert run.stderr.count(str(clip_dir / "broken.npz")) == 1
-    assert sorted(p.name for p in out.iterdir()) == ["a.json", "a.png", "b.json", "b.png", "c.json", "c.png"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(f"{c}{suffix}" for c in "abc"
+                                                          for suffix in (".json", ".png", ".cameras.png"))
     result = json.loads((out / "a.json").read_text())
     assert np.asarray(result["xyz"]).shape == (1, 64, 3) and len(result["generated_token_ids"][0]) <= 4
 
@@ -142,9 +144,29 @@ def test_clips_of_different_image_sizes_run_in_separate_batches(pipeline, greedy
     summary = run_clips(pipeline, clip_paths(directory), tmp_path / "out", jax.random.key(0), greedy, batch_size=2)
     assert [p.name for p in summary.written] == ["a.json", "small.json"] and not summary.failed
     batches = [json.loads((tmp_path / "out" / name).read_text())["batch"] for name in ("a.json", "small.json")]
-    assert batches == [{"number": 0, "clips": ["a"], "size": 2}, {"number": 1, "clips": ["small"], "size": 2}]
+    rule = "fold_in(key, number)"
+    assert batches == [{"number": 0, "clips": ["a"], "size": 2, "key": rule},
+                       {"number": 1, "clips": ["small"], "size": 2, "key": rule}]
 
 
 def test_batch_options_are_checked(pipeline, clip_dir, tmp_path):
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
         run_clips(pipeline, clip_paths(clip_dir), tmp_path / "out", jax.random.key(0), batch_size=0)
+
+
+def test_reseeding_per_clip_makes_results_independent_of_batches(pipeline, sampled, clips, clip_dir, tmp_path):
+    """With `reseed_per_clip` every clip samples from the run's key itself, as if the seed were
+    re-set before each clip: batch sizes 1 and 2 give each clip the same tokens, and the result is
+    that of the clip run alone with that key."""
+    key = jax.random.key(9)
+    for size in (1, 2):
+        run_clips(pipeline, clip_paths(clip_dir), tmp_path / str(size), key, sampled, batch_size=size,
+                  reseed_per_clip=True)
+    alone = sample_trajectories(pipeline, [clips["b"]], key[None], sampled)
+    for name in ("a", "b", "c"):
+        one, two = (json.loads((tmp_path / str(size) / f"{name}.json").read_text()) for size in (1, 2))
+        assert one["generated_token_ids"] == two["generated_token_ids"]
+        np.testing.assert_allclose(one["xyz"], two["xyz"], atol=1e-4)
+        assert two["batch"]["key"] == "the run's key for every clip"
+    b = json.loads((tmp_path / "2" / "b.json").read_text())
+    assert b["generated_token_ids"] == alone.generated_token_ids[0]

@@ -10,13 +10,14 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
 from safetensors.numpy import save_file
 
 from alpamayo_jax.inference.inference_config import InferenceConfig
-from alpamayo_jax.inference.pipeline import Pipeline, sample_from_inputs
+from alpamayo_jax.inference.pipeline import Pipeline, sample_from_inputs, sample_trajectories
 from alpamayo_jax.processing.clip import Clip
 from tests.conftest import recorded_inputs
 from tests.parity import assert_close
@@ -83,6 +84,23 @@ def test_sampling_is_deterministic_per_key(pipeline, inputs):
     assert not ((tokens >= start) & (tokens < start + pipeline.config.traj_vocab_size)).any()
 
 
+def test_per_clip_keys_make_a_clip_independent_of_its_batch(pipeline, golden, history):
+    """With one key per clip, a clip sampled alone and beside another clip gets the same tokens
+    and noise (trajectories equal to float rounding); with one batch key it would not."""
+    settings = InferenceConfig.from_model(pipeline.config, num_samples=2, temperature=1.5, max_new_tokens=8)
+    frames = golden["input.image_frames"]
+    clips = [Clip.create(f, history[0][0], history[1][0]) for f in (frames, frames[:, ::-1])]
+    key, other = jax.random.key(7), jax.random.key(8)
+    alone = sample_trajectories(pipeline, clips[:1], key[None], settings)
+    batched = sample_trajectories(pipeline, clips[::-1], jnp.stack([other, key]), settings)
+    assert batched.generated_token_ids[1] == alone.generated_token_ids[0]
+    error = float(np.abs(batched.xyz[1] - alone.xyz[0]).max())
+    print(f"per-clip key: xyz alone vs batched, max abs difference {error:.2e} m")
+    assert error <= 1e-4
+    with pytest.raises(ValueError, match="one key per clip|one PRNG key or"):
+        sample_trajectories(pipeline, clips, jnp.stack([key, other, key]), settings)
+
+
 def test_bad_noise_is_rejected(pipeline, inputs):
     for noise, message in ((np.zeros((2, 64, 2)), "noise must be"), (np.full((1, 64, 2), np.nan), "non-finite"),
                            (np.zeros((1, 64, 2), np.int32), "floating-point")):
@@ -113,8 +131,8 @@ def _check_result(path, num_samples):
 def _check_png(path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with Image.open(path) as image:
-        assert image.size == (512, 512)
-        assert len(image.getcolors(maxcolors=100_000) or []) > 3  # more than a blank canvas
+        assert image.size == (600, 600)  # the bird's-eye view, 6 x 6 inches at 100 dpi (tests/test_plots.py
+        assert len(image.getcolors(maxcolors=100_000) or []) > 3  # checks what it shows)
 
 
 def test_infer_command(fixture_dir, golden, history, tmp_path):

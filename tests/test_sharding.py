@@ -29,6 +29,7 @@ from alpamayo_jax.sharding import (
 
 SCRIPT = Path(__file__).parent / "multidevice" / "parallel_pipeline.py"
 MULTI_HOST_SCRIPT = Path(__file__).parent / "multidevice" / "multi_host.py"
+MULTI_HOST_TRAINING_SCRIPT = Path(__file__).parent / "multidevice" / "multi_host_training.py"
 
 
 def test_every_logical_axis_has_a_rule():
@@ -145,14 +146,14 @@ def test_bundle_loads_straight_into_shardings(multidevice):
     assert bundle["lm_head_shard_shape"] == [64, 778 // 2]
 
 
-@pytest.fixture(scope="module")
-def multi_host(fixture_dir):
-    """Two processes on this machine, joined by `start_distributed` into one mesh."""
+def run_two_processes(script: Path, fixture_dir) -> list[dict]:
+    """Runs `script FIXTURE PROCESS_ID PORT` as two processes joined on a free local port; their
+    RESULT lines, in process order."""
     with socket.socket() as probe:  # a free port for the coordinator
         probe.bind(("localhost", 0))
         port = str(probe.getsockname()[1])
     env = {**os.environ, "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")}
-    processes = [subprocess.Popen([sys.executable, str(MULTI_HOST_SCRIPT), str(fixture_dir), str(index), port],
+    processes = [subprocess.Popen([sys.executable, str(script), str(fixture_dir), str(index), port],
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
                  for index in range(2)]
     results = []
@@ -164,6 +165,12 @@ def multi_host(fixture_dir):
     return results
 
 
+@pytest.fixture(scope="module")
+def multi_host(fixture_dir):
+    """Two processes on this machine, joined by `start_distributed` into one mesh."""
+    return run_two_processes(MULTI_HOST_SCRIPT, fixture_dir)
+
+
 def test_two_processes_match_single_device(multi_host, multidevice):
     reference = np.asarray(multidevice["reference_xyz"])
     for result in multi_host:
@@ -173,6 +180,20 @@ def test_two_processes_match_single_device(multi_host, multidevice):
         assert (result["process_count"], result["global_devices"], result["local_devices"]) == (2, 8, 4)
         assert result["lm_head_addressable_shards"] == 4  # each process holds its own devices' shards only
         assert result["tokens"] == multidevice["reference_tokens"]
+        assert error <= 1e-5
+
+
+def test_two_processes_train_as_one_device(fixture_dir, multidevice_training):
+    """Three stage-2 steps on a data-2 mesh over two processes with the FSDP table, so every
+    trainable parameter and its AdamW moments are split across the processes: the losses of one
+    device, step after step (so the updates too)."""
+    reference = multidevice_training["reference_losses"]
+    for result in run_two_processes(MULTI_HOST_TRAINING_SCRIPT, fixture_dir):
+        error = max(abs(a - b) / abs(b) for a, b in zip(result["losses"], reference, strict=True))
+        print(f"process {result['process_index']}: losses {result['losses']} vs {reference} (relative {error:.2e})")
+        assert result["global_devices"] == 2
+        shape, block = result["expert_up_proj_shape"], result["expert_up_proj_addressable_block"]
+        assert 2 * int(np.prod(block)) == int(np.prod(shape))  # each process holds half
         assert error <= 1e-5
 
 

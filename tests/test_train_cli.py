@@ -80,10 +80,28 @@ def test_train_resume_export_infer(fixture_dir, tmp_path, capsys):
                      "--out", str(tmp_path / "result.json")]) == 0
     result = json.loads((tmp_path / "result.json").read_text())
     assert np.isfinite(result["xyz"]).all()
-    exported = load_file(tmp_path / "trained" / "model.safetensors")
+    report = json.loads((tmp_path / "trained" / "conversion_report.json").read_text())
+    assert report["provenance"]["step"] == 4 and report["provenance"]["stage"] == 2
+    # Back to the Hugging Face layout: the frozen VLM is the source's, the expert's head trained.
+    assert cli.main(["export", "--model", str(tmp_path / "trained"), "--out", str(tmp_path / "hf")]) == 0
+    exported = load_file(tmp_path / "hf" / "model.safetensors")
     original = load_file(fixture_dir / "hf" / "model.safetensors")
+    assert set(exported) == set(original)
     assert np.array_equal(exported["vlm.lm_head.weight"], original["vlm.lm_head.weight"])  # frozen
     assert not np.array_equal(exported["action_out_proj.weight"], original["action_out_proj.weight"])  # trained
+
+
+def test_train_on_a_mesh_with_fsdp_and_remat(fixture_dir, tmp_path):
+    """The parallel options run through (one device here; tests/test_sharding.py runs the step on
+    eight); --fsdp without --mesh is refused."""
+    data = tmp_path / "clips"
+    data.mkdir()
+    save_clip(data / "c0.npz", synthetic_clip(0, image_size=(32, 48), with_future=True))
+    base = ["train", "--stage", "2", "--model", str(fixture_dir / "hf"), "--processor-dir", str(fixture_dir / "vlm"),
+            "--data", str(data), "--steps", "1", "--warmup", "0", "--quiet"]
+    assert cli.main([*base, "--out", str(tmp_path / "run"), "--mesh", "single", "--fsdp", "--remat"]) == 0
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 1
+    assert cli.main([*base, "--out", str(tmp_path / "run2"), "--fsdp"]) == 1
 
 
 def test_clips_without_ground_truth_are_named_before_loading(fixture_dir, tmp_path, capsys, monkeypatch):

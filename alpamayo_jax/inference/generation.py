@@ -40,7 +40,9 @@ from alpamayo_jax.models.kv_cache import KVCache
 from alpamayo_jax.inference.sampling import (
     REFERENCE_SAMPLING,
     SamplingParams,
+    fold_in_step,
     mask_token_range,
+    row_keys,
     select_tokens,
 )
 from alpamayo_jax.models.alpamayo import AlpamayoR1
@@ -124,7 +126,7 @@ class DecodeState:
     unfinished: jax.Array  # (B,) bool: not yet stopped (EOS, max length, stop-after rule)
     saw_stop_token: jax.Array  # (B,) bool: `StopAfterEOS`'s per-row flags
     rope_deltas: jax.Array  # (B,) int32
-    key: jax.Array  # PRNG key; step s draws with fold_in(key, s)
+    key: jax.Array  # PRNG key, or (B,) keys one per row; step s draws with fold_in(key, s)
 
 
 @struct.dataclass
@@ -175,7 +177,7 @@ def _append_token(state: DecodeState, logits: jax.Array, config: GenerationConfi
     stored = state.logits
     if stored is not None:
         stored = jax.lax.dynamic_update_slice(stored, logits[:, None], (0, step, 0))
-    chosen = select_tokens(logits, jax.random.fold_in(state.key, step), config.sampling)
+    chosen = select_tokens(logits, fold_in_step(state.key, step), config.sampling)
     token = jnp.where(state.unfinished, chosen, config.pad_token_id).astype(jnp.int32)
     tokens = jax.lax.dynamic_update_slice(state.tokens, token[:, None], (0, step))
     step = step + 1
@@ -319,11 +321,15 @@ def generate(
     inputs: ModelInputs,
     *,
     config: GenerationConfig,
-    key: jax.Array | None = None,  # PRNG key; required when sampling
+    key: jax.Array | None = None,  # PRNG key, or (C,) keys one per clip; required when sampling
     num_samples: int = 1,
 ) -> GenerationResult:
     """Prefill then decode `num_samples` rollouts per clip; returns B = C * num_samples rows
     (clip-major: row = clip * num_samples + sample).
+
+    One key draws for the whole batch. A (C,) array of keys gives each clip its own: row
+    (c, s) then draws from fold_in(key[c], s) (`row_keys`), so a clip's result does not depend on
+    the clips it is batched with.
 
     Two compiled programs: the prefill (per input shapes and image grid, capacity, num_samples)
     and the decode loop (per row count, capacity, config); both are reused across calls. The same
@@ -333,6 +339,12 @@ def generate(
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     if config.sampling.do_sample and key is None:
         raise ValueError("sampling needs a PRNG key")
+    if key is not None and key.ndim == 1:
+        if key.shape != (inputs.num_clips,):
+            raise ValueError(f"one key per clip: expected ({inputs.num_clips},) keys, got {key.shape}")
+        key = row_keys(key, num_samples)
+    elif key is not None and key.ndim != 0:
+        raise ValueError(f"key must be one PRNG key or (clips,) keys, got shape {key.shape}")
     capacity = inputs.prompt_length + config.max_new_tokens - 1
     cache, first_logits, rope_deltas, prompt_stop_index = prefill(
         model, inputs, capacity=capacity, num_samples=num_samples, stop_token_id=config.stop_after_token_id)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 import time
 from collections.abc import Sequence
@@ -149,7 +150,9 @@ def sample_from_inputs(
 
     `settings` default to `InferenceConfig.from_model(pipeline.config)`: the checkpoint's flow
     steps and token budget, the reference's sampling. The same key gives the same result, with or
-    without a mesh. Rows are clip-major (row = clip * S + sample), which is also the order of
+    without a mesh. `key` is one PRNG key for the batch, or a (C,) array of keys, one per clip,
+    so that a clip's tokens and noise depend on its own key only (not on its batch; float rounding
+    aside). Rows are clip-major (row = clip * S + sample), which is also the order of
     `noise`. On a mesh the C * S rows must divide over its data axis (`ShardingError` otherwise)."""
     config = pipeline.config
     settings = InferenceConfig.from_model(config) if settings is None else settings
@@ -157,8 +160,18 @@ def sample_from_inputs(
     start = time.perf_counter()
     clips, waypoints, num_samples = inputs.num_clips, config.n_waypoints, settings.num_samples
     rows = clips * num_samples
-    generation_key, noise_key = jax.random.split(key)
-    noise = initial_noise(noise_key, rows, waypoints) if noise is None else check_noise(noise, rows, waypoints)
+    if key.ndim == 0:
+        generation_key, noise_key = jax.random.split(key)
+        draw_noise = functools.partial(initial_noise, noise_key, rows, waypoints)
+    elif key.shape == (clips,):
+        generation_key, noise_key = jax.vmap(jax.random.split, out_axes=1)(key)
+
+        def draw_noise():
+            per_clip = jax.vmap(lambda k: initial_noise(k, num_samples, waypoints))(noise_key)
+            return per_clip.reshape(rows, waypoints, -1)
+    else:
+        raise ValueError(f"key must be one PRNG key or ({clips},) keys, one per clip; got shape {key.shape}")
+    noise = draw_noise() if noise is None else check_noise(noise, rows, waypoints)
     generation_config = settings.generation_config(config, pad_token_id=pipeline.tokenizer.pad_token_id)
     with pipeline.on_mesh():
         result = generate(pipeline.split, inputs, config=generation_config, key=generation_key,

@@ -118,11 +118,28 @@ def select_tokens(logits: jax.Array, key: jax.Array | None, params: SamplingPara
     """(B, V) float32 logits (already masked) -> (B,) int32 token ids.
 
     Greedy: the first maximum of each row. Sampling: one independent categorical draw per row
-    from softmax(warp_logits(logits)), using `key`.
+    from softmax(warp_logits(logits)), using `key`: one key for the batch, or a (B,) array of keys,
+    one per row (a row's draw then depends on its own key only).
     """
     if not params.do_sample:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     if key is None:
         raise ValueError("sampling needs a PRNG key")
     scores = warp_logits(logits, params)
+    if key.ndim == 1:
+        return jax.vmap(jax.random.categorical)(key, scores).astype(jnp.int32)
     return jax.random.categorical(key, scores, axis=-1).astype(jnp.int32)
+
+
+def fold_in_step(key: jax.Array, step: jax.Array) -> jax.Array:
+    """`fold_in(key, step)` for one key or for each key of a (B,) array."""
+    if key.ndim == 1:
+        return jax.vmap(jax.random.fold_in, in_axes=(0, None))(key, step)
+    return jax.random.fold_in(key, step)
+
+
+def row_keys(clip_keys: jax.Array, num_samples: int) -> jax.Array:
+    """(C,) keys, one per clip -> (C * num_samples,) keys, one per row (clip-major): row
+    (c, s) draws with fold_in(clip_keys[c], s), whatever else shares the batch."""
+    samples = jnp.arange(num_samples)
+    return jax.vmap(lambda key: jax.vmap(lambda s: jax.random.fold_in(key, s))(samples))(clip_keys).reshape(-1)

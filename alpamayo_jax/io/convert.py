@@ -1,9 +1,11 @@
-"""Hugging Face checkpoint -> bundle conversion, with a report of what was converted."""
+"""Bundles written from a Hugging Face checkpoint (`convert_checkpoint`) or from a model in memory,
+such as a fine-tuned one (`save_model_bundle`), each with a report of what was written."""
 
 from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import json
 import os
 import shutil
 import time
@@ -14,16 +16,22 @@ import numpy as np
 
 from alpamayo_jax.config import AlpamayoConfig
 from alpamayo_jax.io.assign import Assignment, plan_assignment, read_assignment
-from alpamayo_jax.nn.variables import module_variables
 from alpamayo_jax.io.atomic import atomic_directory
 from alpamayo_jax.io.bundle import (
+    BACKBONE_CONFIG_FILE,
+    CONFIG_FILE,
     PARAMS_DIR,
+    PROCESSOR_DIR,
+    is_bundle,
     param_group,
     save_param_group,
+    save_params,
     write_bundle_files,
 )
 from alpamayo_jax.io.hf import abstract_model, read_hf_config
 from alpamayo_jax.io.weight_map import alpamayo_rules
+from alpamayo_jax.models.alpamayo import AlpamayoR1
+from alpamayo_jax.nn.variables import module_variables
 from alpamayo_jax.processing.chat_template import load_chat_template
 from alpamayo_jax.processing.tokenizer import build_tokenizer
 
@@ -118,6 +126,54 @@ def convert_checkpoint(
             "dtype": str(next(iter(variables.values())).dtype),
             "source_dtypes": sorted(source_dtypes),
             "sha256": dict(sorted(checksums.items())),
+            "versions": {name: importlib.metadata.version(name) for name in VERSIONED},
+            "seconds": round(time.perf_counter() - started, 3),
+        }
+        write_bundle_files(staging, config=config_dict, backbone=backbone_dict, processor_writer=write_processor,
+                           report=report)
+    return report
+
+
+def save_model_bundle(
+    model: AlpamayoR1,
+    source: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    processor_dir: str | os.PathLike | None = None,
+    provenance: dict | None = None,
+    force: bool = False,
+) -> dict:
+    """Writes `model`'s parameters as a bundle at `out_dir` that `infer` and `Pipeline.load` read.
+
+    `source` is the bundle or Hugging Face checkpoint the model was loaded from (with its
+    `processor_dir` for the latter): the bundle takes its config, backbone config and processor
+    from there, so it must describe the same architecture (checked). `provenance` (e.g. the
+    training run) goes into the report. Atomic, as `convert_checkpoint`. Returns the report."""
+    source = Path(source)
+    started = time.perf_counter()
+    if is_bundle(source):
+        config_dict = json.loads((source / CONFIG_FILE).read_text())
+        backbone_dict = json.loads((source / BACKBONE_CONFIG_FILE).read_text())
+        config = AlpamayoConfig.from_hf_config(config_dict, backbone_dict)
+
+        def write_processor(target: Path) -> None:
+            shutil.copytree(source / PROCESSOR_DIR, target, dirs_exist_ok=True)
+    else:
+        if processor_dir is None:
+            raise ValueError(f"{source} is a Hugging Face checkpoint: its processor directory is needed too")
+        config, config_dict, backbone_dict = read_hf_config(source, processor_dir)
+        write_processor = _processor_writer(Path(processor_dir), config)
+    if config != model.config:
+        raise ValueError(f"the model's config differs from {source}'s; a bundle must describe the model it holds")
+    variables = module_variables(model)
+    with atomic_directory(out_dir, force=force) as staging:
+        save_params(model, staging / PARAMS_DIR)
+        report = {
+            "source": {"model": str(source.absolute()),
+                       **({"processor": str(Path(processor_dir).absolute())} if processor_dir else {})},
+            **({"provenance": provenance} if provenance else {}),
+            "num_parameters": sum(int(np.prod(v.shape)) for v in variables.values()),
+            "dtype": str(next(iter(variables.values())).dtype),
             "versions": {name: importlib.metadata.version(name) for name in VERSIONED},
             "seconds": round(time.perf_counter() - started, 3),
         }

@@ -53,9 +53,11 @@ class AlpamayoR1(nnx.Module):
         )
         self.action_space = ActionSpaceBuffers(config.action_space, param_dtype=param_dtype)
 
-    def action_velocity(self, x: jax.Array, t: jax.Array, context: ExpertContext) -> jax.Array:
+    def action_velocity(self, x: jax.Array, t: jax.Array, context: ExpertContext, *, remat: bool = False
+                        ) -> jax.Array:
         """The flow velocity for noisy normalised actions x (B, W, C) at flow time t (B,),
-        conditioned on the language model's cache through `context`."""
+        conditioned on the language model's cache through `context`; `remat` recomputes the
+        expert's layers in the backward pass (training memory)."""
         embeds = self.action_in_proj(x, t)
-        hidden = run_expert(self.expert, embeds, context).hidden_states
+        hidden = run_expert(self.expert, embeds, context, remat=remat).hidden_states
         return self.action_out_proj(hidden)

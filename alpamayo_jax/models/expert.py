@@ -75,7 +75,8 @@ def expert_context(cache: KVCache, offsets: jax.Array, rope_deltas: jax.Array, n
 
 
 def run_expert(expert: TextDecoder, inputs_embeds: jax.Array, context: ExpertContext,
-               return_layer_outputs: bool = False) -> DecoderOutput:
-    """Expert decoder over action embeddings (B, T, E); hidden states after the final norm."""
+               return_layer_outputs: bool = False, *, remat: bool = False) -> DecoderOutput:
+    """Expert decoder over action embeddings (B, T, E); hidden states after the final norm.
+    `remat` recomputes each layer in the backward pass (`TextDecoder`)."""
     return expert(inputs_embeds, context.position_ids, context.bias, (context.k, context.v),
-                  return_layer_outputs=return_layer_outputs)
+                  return_layer_outputs=return_layer_outputs, remat=remat)

@@ -56,7 +56,10 @@ class TextDecoder(nnx.Module):
         prefix_kv: tuple[jax.Array, jax.Array] | None = None,  # (L, B, S, K, H) each, read only
         deepstack_embeds: jax.Array | None = None,  # (J, B, T, D), added after layers 0..J-1
         return_layer_outputs: bool = False,
+        remat: bool = False,
     ) -> DecoderOutput:
+        """With `remat`, each layer's activations are recomputed in the backward pass instead of
+        stored (`nnx.remat` per layer): memory of one layer for the price of a second forward."""
         c = self.config
         cos, sin = mrope_cos_sin(position_ids, head_dim=c.head_dim, theta=c.rope_theta,
                                  mrope_section=c.mrope_section, dtype=inputs_embeds.dtype)
@@ -65,9 +68,10 @@ class TextDecoder(nnx.Module):
             raise ValueError(f"{num_deepstack} DeepStack feature sets for {len(self.layers)} layers")
         x = inputs_embeds
         new_k, new_v, layer_outputs = [], [], []
+        apply_layer = _recomputed_layer if remat else _layer
         for index, layer in enumerate(self.layers):
             layer_prefix = None if prefix_kv is None else (prefix_kv[0][index], prefix_kv[1][index])
-            x, (k, v) = layer(x, cos, sin, bias, layer_prefix)
+            x, (k, v) = apply_layer(layer, x, cos, sin, bias, layer_prefix)
             new_k.append(k)
             new_v.append(v)
             layer_outputs.append(x)
@@ -79,6 +83,13 @@ class TextDecoder(nnx.Module):
             v=jnp.stack(new_v),
             layer_outputs=tuple(layer_outputs) if return_layer_outputs else None,
         )
+
+
+def _layer(layer: DecoderLayer, x, cos, sin, bias, prefix_kv):
+    return layer(x, cos, sin, bias, prefix_kv)
+
+
+_recomputed_layer = nnx.remat(_layer)
 
 
 class LMOutput(NamedTuple):

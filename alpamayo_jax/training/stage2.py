@@ -141,16 +141,18 @@ def stage2_loss(
     draw: FlowDraw,
     *,
     expert_attention: ExpertAttention = "default",
+    remat: bool = False,
 ) -> tuple[jax.Array, Stage2Aux]:
     """The flow-matching loss of a batch: mean over B x W x C of (prediction - (x - eps))^2.
 
     Gradients reach the expert and the action projections only: the VLM's keys and values are
-    constants here."""
+    constants here. `remat` recomputes the expert's layers in the backward pass instead of storing
+    their activations (same values, less memory)."""
     context, lengths = teacher_forced_context(model, inputs, actions.shape[1], expert_attention=expert_attention)
     actions = constrain(actions, ("batch", None, None), replicate_uneven=True)
     t = draw.timesteps.astype(jnp.float32)
     x_t = interpolate(actions, draw.noise, t)
-    prediction = model.action_velocity(x_t, t, context)
+    prediction = model.action_velocity(x_t, t, context, remat=remat)
     target = (actions - draw.noise).astype(prediction.dtype)
     loss = jnp.mean((prediction - target) ** 2)
     return loss, Stage2Aux(actions, x_t, target, prediction, t, lengths)

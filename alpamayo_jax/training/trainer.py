@@ -8,6 +8,14 @@ and everything else (`frozen`: the VLM, the buffers), which never enters the opt
 draws its flow times and noise from `fold_in(key, k)` and trains on batch k of `BatchOrder`, so
 a run resumed from a checkpoint repeats the uninterrupted run exactly.
 
+The optimizer works in float32 whatever the parameters' dtype: with bfloat16 parameters (a model
+loaded with `dtype=jnp.bfloat16`) the forward and backward run in bfloat16, the gradients are
+cast to float32, the AdamW moments are float32, and each step's new parameters are rounded back
+to bfloat16. (An update smaller than half a bfloat16 ulp of its parameter is lost in that
+rounding: at the reference's learning rate of 1e-4 that is most updates of weights above ~0.03,
+so prefer float32 parameters where memory allows.) `remat` recomputes the expert's layer
+activations in the backward pass instead of storing them.
+
 `train` is the loop: it saves the run state every `save_every` steps (and at the end) through an
 `orbax.checkpoint.CheckpointManager` in `run_dir/checkpoints` (keeping `keep` of them; each save
 is atomic), appends one JSON line of metrics per step to `run_dir/metrics.jsonl`, and resumes from
@@ -39,8 +47,13 @@ from alpamayo_jax.processing.collate import TrainingBatch, collate
 from alpamayo_jax.processing.tokenizer import ExtendedTokenizer
 from alpamayo_jax.sharding import LOGICAL_RULES, param_shardings, shard_state
 from alpamayo_jax.training.data import BatchOrder
-from alpamayo_jax.training.optimizer import OptimizerConfig, TrainingStage, learning_rate_schedule, make_optimizer
-from alpamayo_jax.training.optimizer import trainable_filter
+from alpamayo_jax.training.optimizer import (
+    OptimizerConfig,
+    TrainingStage,
+    learning_rate_schedule,
+    make_optimizer,
+    trainable_filter,
+)
 from alpamayo_jax.training.stage2 import ExpertAttention, draw_flow, fit_actions, stage2_loss
 
 METRICS_FILE = "metrics.jsonl"
@@ -68,11 +81,13 @@ class Stage2Trainer:
     optimizer: OptimizerConfig
     expert_attention: ExpertAttention = "default"
     mesh: jax.sharding.Mesh | None = None
+    remat: bool = False
 
     @classmethod
     def create(cls, model: AlpamayoR1, optimizer: OptimizerConfig, key: jax.Array, *,
                expert_attention: ExpertAttention = "default", mesh: jax.sharding.Mesh | None = None,
-               rules: Mapping[str, str | None] = LOGICAL_RULES) -> tuple[Stage2Trainer, TrainState]:
+               rules: Mapping[str, str | None] = LOGICAL_RULES, remat: bool = False
+               ) -> tuple[Stage2Trainer, TrainState]:
         """The trainer and the initial state of `model`. With `mesh`, every parameter (and so its
         gradient and optimizer state) is placed by `rules` (`LOGICAL_RULES`: tensor parallel over
         `model`; `FSDP_RULES`: also split along the width over `data`) and the batch rows split
@@ -84,9 +99,9 @@ class Stage2Trainer:
         if mesh is not None:
             shardings = param_shardings(model, mesh, rules)
             params, frozen = shard_state(params, shardings), shard_state(frozen, shardings)
-        trainer = cls(graphdef, frozen, optimizer, expert_attention, mesh)
+        trainer = cls(graphdef, frozen, optimizer, expert_attention, mesh, remat)
         state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                           opt_state=make_optimizer(optimizer).init(params), key=key)
+                           opt_state=make_optimizer(optimizer).init(_float32(params)), key=key)
         return trainer, state
 
     def model(self, params: nnx.State) -> AlpamayoR1:
@@ -106,21 +121,26 @@ class Stage2Trainer:
     def loss(self, params: nnx.State, frozen: nnx.State, inputs, actions, key) -> tuple[jax.Array, object]:
         model = nnx.merge(self.graphdef, params, frozen)
         draw = draw_flow(key, actions.shape[0], actions.shape[1], model.config.flow_matching)
-        return stage2_loss(model, inputs, actions, draw, expert_attention=self.expert_attention)
+        return stage2_loss(model, inputs, actions, draw, expert_attention=self.expert_attention, remat=self.remat)
+
+
+def _float32(tree):
+    return jax.tree.map(lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
 
 def _train_step(trainer: Stage2Trainer, state: TrainState, frozen: nnx.State, inputs, actions
                 ) -> tuple[TrainState, dict]:
     key = jax.random.fold_in(state.key, state.step)
     (loss, _), grads = jax.value_and_grad(trainer.loss, has_aux=True)(state.params, frozen, inputs, actions, key)
+    grads, params = _float32(grads), _float32(state.params)
     optimizer = make_optimizer(trainer.optimizer)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    updates, opt_state = optimizer.update(grads, state.opt_state, params)
     steps_per_update = trainer.optimizer.gradient_accumulation_steps
-    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
+    metrics = {"loss": loss.astype(jnp.float32), "grad_norm": optax.tree.norm(grads),
                "learning_rate": learning_rate_schedule(trainer.optimizer)(state.step // steps_per_update)}
-    new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                              opt_state=opt_state)
-    return new_state, metrics
+    new_params = jax.tree.map(lambda new, old: new.astype(old.dtype), optax.apply_updates(params, updates),
+                              state.params)
+    return state.replace(step=state.step + 1, params=new_params, opt_state=opt_state), metrics
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,7 +219,9 @@ def train(
         elif manager.latest_step() is not None:
             raise FileExistsError(f"{run_dir} already holds checkpoints; resume the run or choose another directory")
         prepared: dict[tuple[int, ...], tuple[object, jax.Array]] = {}
-        with open(run_dir / METRICS_FILE, "a") as metrics_file:
+        # One writer of the metrics across processes (every process computes the same values).
+        writes_metrics = jax.process_index() == 0
+        with open(run_dir / METRICS_FILE, "a") if writes_metrics else contextlib.nullcontext() as metrics_file:
             while int(state.step) < steps:
                 k = int(state.step)
                 members = tuple(order(k))
@@ -213,8 +235,9 @@ def train(
                 record = {"step": k + 1, **{name: float(value) for name, value in metrics.items()},
                           "seconds": round(time.perf_counter() - started, 3)}
                 losses.append(record["loss"])
-                metrics_file.write(json.dumps(record) + "\n")
-                metrics_file.flush()
+                if writes_metrics:
+                    metrics_file.write(json.dumps(record) + "\n")
+                    metrics_file.flush()
                 manager.save(k + 1, args=ocp.args.StandardSave(_to_disk(state)), force=k + 1 == steps)
                 if on_step:
                     on_step(k + 1, record)

@@ -16,26 +16,17 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 from workload import Workload  # noqa: E402
 
-from alpamayo_jax.processing.collate import collate  # noqa: E402
-from alpamayo_jax.processing.synthetic import synthetic_clip  # noqa: E402
 from alpamayo_jax.sharding import FSDP_RULES, LOGICAL_RULES, make_mesh  # noqa: E402
-from alpamayo_jax.training.optimizer import OptimizerConfig  # noqa: E402
-from alpamayo_jax.training.stage2 import fit_actions  # noqa: E402
-from alpamayo_jax.training.trainer import Stage2Trainer  # noqa: E402
 
 workload = Workload(sys.argv[1])
 pipeline = workload.load()
-clips = [synthetic_clip(i, image_size=(32, 48), speed=4.0 + i, curvature=0.01 * (i - 2), with_future=True)
-         for i in range(4)]
-batch = collate(clips, tokenizer=pipeline.tokenizer, chat_template=pipeline.chat_template, config=pipeline.config)
-actions = fit_actions(pipeline.split, batch.inputs, batch.ego_future_xyz, batch.ego_future_rot)
-optimizer = OptimizerConfig(learning_rate=1e-3, warmup_steps=1, total_steps=3)
+inputs, actions = workload.training_batch(pipeline)
 
 
 def gradients(trainer, state):
     """The first step's gradient of every trainable parameter (same key as the step's)."""
     key = jax.random.fold_in(state.key, state.step)
-    grad = jax.jit(jax.grad(lambda params: trainer.loss(params, trainer.frozen, batch.inputs, actions, key)[0]))
+    grad = jax.jit(jax.grad(lambda params: trainer.loss(params, trainer.frozen, inputs, actions, key)[0]))
     if trainer.mesh is None:
         return jax.tree.leaves(grad(state.params))
     with jax.set_mesh(trainer.mesh):
@@ -50,12 +41,9 @@ def relative(ours, reference):
 
 
 def three_steps(mesh=None, rules=LOGICAL_RULES):
-    trainer, state = Stage2Trainer.create(pipeline.model, optimizer, jax.random.key(0), mesh=mesh, rules=rules)
+    trainer, state = workload.trainer(pipeline, mesh, rules)
     first_gradients = gradients(trainer, state)
-    losses = []
-    for _ in range(3):
-        state, metrics = trainer.step(state, batch.inputs, actions)
-        losses.append(float(metrics["loss"]))
+    state, losses = workload.train(trainer, state, (inputs, actions))
     return state, losses, first_gradients
 
 

@@ -1,6 +1,7 @@
-"""The run every multi-device check makes and compares with one device: the tiny fixture, two clips
+"""The runs every multi-device check makes and compares with one device: the tiny fixture, two clips
 of equal image sizes (the fixture's cameras, and the same cameras in reverse order) x four samples,
-12 tokens sampled at temperature 1. Imported by the scripts beside it once JAX is configured."""
+12 tokens sampled at temperature 1; and three stage-2 training steps on a batch of four synthetic
+clips with ground truth. Imported by the scripts beside it once JAX is configured."""
 
 import jax
 from safetensors.numpy import load_file
@@ -8,7 +9,15 @@ from safetensors.numpy import load_file
 from alpamayo_jax.inference.inference_config import InferenceConfig
 from alpamayo_jax.inference.pipeline import Pipeline, sample_from_inputs
 from alpamayo_jax.processing.clip import Clip
+from alpamayo_jax.processing.collate import collate
 from alpamayo_jax.processing.model_inputs import ModelInputs
+from alpamayo_jax.processing.synthetic import synthetic_clip
+from alpamayo_jax.sharding import LOGICAL_RULES
+from alpamayo_jax.training.optimizer import OptimizerConfig
+from alpamayo_jax.training.stage2 import fit_actions
+from alpamayo_jax.training.trainer import Stage2Trainer
+
+TRAINING_OPTIMIZER = OptimizerConfig(learning_rate=1e-3, warmup_steps=1, total_steps=3)
 
 
 class Workload:
@@ -31,3 +40,25 @@ class Workload:
         settings = InferenceConfig.from_model(pipeline.config, num_samples=num_samples, temperature=1.0,
                                               max_new_tokens=12)
         return sample_from_inputs(pipeline, self.inputs(pipeline, clips), jax.random.key(3), settings)
+
+    def training_batch(self, pipeline: Pipeline):
+        """(inputs, actions) of four synthetic clips with ground truth."""
+        clips = [synthetic_clip(i, image_size=(32, 48), speed=4.0 + i, curvature=0.01 * (i - 2), with_future=True)
+                 for i in range(4)]
+        batch = collate(clips, tokenizer=pipeline.tokenizer, chat_template=pipeline.chat_template,
+                        config=pipeline.config)
+        return batch.inputs, fit_actions(pipeline.split, batch.inputs, batch.ego_future_xyz, batch.ego_future_rot)
+
+    @staticmethod
+    def trainer(pipeline: Pipeline, mesh=None, rules=LOGICAL_RULES):
+        """The stage-2 trainer and its initial state, from key 0."""
+        return Stage2Trainer.create(pipeline.model, TRAINING_OPTIMIZER, jax.random.key(0), mesh=mesh, rules=rules)
+
+    @staticmethod
+    def train(trainer, state, batch, steps: int = 3):
+        """(final state, losses) of `steps` stage-2 steps on `batch`."""
+        losses = []
+        for _ in range(steps):
+            state, metrics = trainer.step(state, *batch)
+            losses.append(float(metrics["loss"]))
+        return state, losses
