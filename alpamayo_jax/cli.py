@@ -1,5 +1,5 @@
 """Command line: `alpamayo-jax demo | infer | batch | evaluate | train | loss | make-dataset | convert | export |
-verify | serve`."""
+verify | serve | warmup`."""
 
 from __future__ import annotations
 
@@ -210,83 +210,103 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    """The embedded tiny model (NVIDIA's tiny random-weight reference checkpoint, shipped with the
-    package) on a synthetic clip: no network, no arguments needed."""
+    """The embedded demo model (the reference fixture's tiny architecture, trained by alpamayo-jax
+    on synthetic driving scenes: scripts/make_demo_model.py) on a new synthetic scene: no
+    network, no arguments needed."""
     from importlib import resources
 
+    from alpamayo_jax.data.driving_scenes import KINDS, driving_scene
     from alpamayo_jax.inference.pipeline import Pipeline
-    from alpamayo_jax.processing.synthetic import synthetic_clip
 
     _output_file(args.plot, "--plot")
     _output_file(args.out, "--out")
-    tiny = resources.files("alpamayo_jax.tiny_model")
-    args.model, args.processor_dir = tiny / "hf", tiny / "vlm"
-    if args.max_new_tokens is None:
-        args.max_new_tokens = DEMO_MAX_NEW_TOKENS
+    args.model, args.processor_dir = Path(str(resources.files("alpamayo_jax") / "demo_model")), None
     config, settings = _checked_model(args)
     noise = _load_noise(args.noise, settings.num_samples, config.n_waypoints)
-    pipeline = Pipeline.load(args.model, processor_dir=args.processor_dir)
-    clip = synthetic_clip(args.seed, image_size=(32, 48))
-    result = _run(pipeline, settings, args, noise=noise, clip=clip, model_name="embedded tiny model")
-    print("tiny Alpamayo-R1 (random weights, so the text is gibberish) on a synthetic clip")
+    pipeline = Pipeline.load(args.model)
+    kind = KINDS[args.seed % len(KINDS)]
+    clip = driving_scene(kind, DEMO_SCENE_SEED + args.seed)  # scenes the model was not trained on
+    result = _run(pipeline, settings, args, noise=noise, clip=clip, model_name="embedded demo model")
+    print(f"tiny Alpamayo-R1 trained by alpamayo-jax on synthetic scenes; a new {kind!r} scene "
+          f"(the scene's own explanation: {clip.cot!r})")
     print(_summary(result))
     print(f"wrote {args.out} and {args.plot}")
     return 0
 
 
-DEMO_MAX_NEW_TOKENS = 32  # the random-weight model never stops by itself: keep the demo short
+DEMO_SCENE_SEED = 1_000_000  # far from the seeds the demo model's training scenes were drawn from
 
 
 def _stage(args: argparse.Namespace) -> None:
-    if args.stage != 2:
-        raise ValueError(f"--stage {args.stage}: only stage 2 (the action expert) is implemented so far")
+    """Checks the stage-specific training options and fills in the stage's defaults."""
+    if args.stage == 1:
+        if args.expert_attention is not None:
+            raise ValueError("--expert-attention is stage 2's (the action expert); stage 1 trains the VLM")
+    elif args.expert_attention is None:
+        args.expert_attention = "default"
 
 
 def _train(args: argparse.Namespace) -> int:
-    """Model + clips with ground truth -> a stage-2 run directory (checkpoints, metrics.jsonl) and,
-    with --export, a bundle of the trained model."""
+    """Model + clips with ground truth -> a run directory (checkpoints, metrics.jsonl) of stage 1
+    (the VLM) or stage 2 (the action expert) and, with --export, a bundle of the trained model."""
     import jax
     from tqdm import tqdm
 
+    from alpamayo_jax.data.physical_ai_av import is_dataset_root
     from alpamayo_jax.inference.batch import clip_paths
     from alpamayo_jax.io.convert import save_model_bundle
     from alpamayo_jax.sharding import FSDP_RULES, LOGICAL_RULES
     from alpamayo_jax.training.data import load_training_clips
     from alpamayo_jax.training.optimizer import OptimizerConfig
-    from alpamayo_jax.training.trainer import Stage2Trainer, train, trained_model
+    from alpamayo_jax.training.trainer import Trainer, train, trained_model
 
     _stage(args)
     for flag, value in (("--steps", args.steps), ("--batch-size", args.batch_size), ("--save-every", args.save_every),
                         ("--keep", args.keep)):
         if value < 1:
             raise ValueError(f"{flag} must be >= 1, got {value}")
+    if args.gradient_accumulation is not None and args.gradient_accumulation < 1:
+        raise ValueError(f"--gradient-accumulation must be >= 1, got {args.gradient_accumulation}")
     if args.export is not None and args.export.exists():
         raise FileExistsError(f"--export {args.export} already exists")
     if args.fsdp and args.mesh is None:
         raise ValueError("--fsdp shards over a mesh: pass --mesh too")
-    optimizer = OptimizerConfig.stage2(args.steps, **({} if args.lr is None else {"learning_rate": args.lr}),
-                                       **({} if args.warmup is None else {"warmup_steps": args.warmup}))
-    clips = load_training_clips(clip_paths(args.data))  # every clip checked before the model loads
+    overrides = {name: value for name, value in (("learning_rate", args.lr), ("warmup_steps", args.warmup),
+                                                 ("gradient_accumulation_steps", args.gradient_accumulation))
+                 if value is not None}
+    optimizer = OptimizerConfig.for_stage(args.stage, args.steps, **overrides)
+    # The loop counts micro-batches: k of them per optimizer step.
+    accumulation = optimizer.gradient_accumulation_steps
+    if is_dataset_root(args.data):  # its clips at the default keyframe, 5.1 s
+        from alpamayo_jax.data.iterator import DatasetSource
+
+        clips = load_training_clips(DatasetSource(args.data))  # every clip checked before the model loads
+    else:
+        clips = load_training_clips(clip_paths(args.data))
     pipeline = _load_pipeline(args)
-    trainer, state = Stage2Trainer.create(pipeline.model, optimizer, jax.random.key(args.seed),
-                                          expert_attention=args.expert_attention, mesh=pipeline.mesh,
-                                          rules=FSDP_RULES if args.fsdp else LOGICAL_RULES, remat=args.remat)
-    with tqdm(total=args.steps, unit="step", disable=args.quiet or jax.process_index() != 0) as bar:
+    trainer, state = Trainer.create(pipeline.model, optimizer, jax.random.key(args.seed), stage=args.stage,
+                                    expert_attention=args.expert_attention or "default", mesh=pipeline.mesh,
+                                    rules=FSDP_RULES if args.fsdp else LOGICAL_RULES, remat=args.remat)
+    micro_steps = args.steps * accumulation
+    with tqdm(total=micro_steps, unit="step", disable=args.quiet or jax.process_index() != 0) as bar:
         def progress(step, record):
             bar.n = step
             bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['learning_rate']:.2e}", refresh=True)
 
         result = train(trainer, state, clips, split=pipeline.split, tokenizer=pipeline.tokenizer,
-                       chat_template=pipeline.chat_template, run_dir=args.out, steps=args.steps,
-                       batch_size=args.batch_size, seed=args.seed, save_every=args.save_every, keep=args.keep,
-                       resume=args.resume, on_step=progress)
+                       chat_template=pipeline.chat_template, run_dir=args.out, steps=micro_steps,
+                       batch_size=args.batch_size, seed=args.seed, save_every=args.save_every * accumulation,
+                       keep=args.keep, resume=args.resume, on_step=progress)
     steps_run = len(result.losses)
-    print(f"{steps_run} steps in {result.seconds:.1f} s ({steps_run / max(result.seconds, 1e-9):.2f} steps/s), "
-          f"last loss {result.losses[-1]:.4f} -> {args.out}" if steps_run else f"nothing to do: {args.out} is at "
-          f"step {int(result.state.step)}")
+    batches = "" if accumulation == 1 else f" (batches; {accumulation} per optimizer step)"
+    print(f"{steps_run} steps{batches} in {result.seconds:.1f} s ({steps_run / max(result.seconds, 1e-9):.2f} "
+          f"steps/s), last loss {result.losses[-1]:.4f} -> {args.out}" if steps_run else
+          f"nothing to do: {args.out} is at step {int(result.state.step)}")
     if args.export is not None:
         provenance = {"stage": args.stage, "run_dir": str(args.out.absolute()), "step": int(result.state.step),
-                      "seed": args.seed, "expert_attention": args.expert_attention}
+                      "seed": args.seed, "gradient_accumulation": accumulation}
+        if args.stage == 2:
+            provenance["expert_attention"] = args.expert_attention
         save_model_bundle(trained_model(trainer, result.state), args.model, args.export,
                           processor_dir=args.processor_dir, provenance=provenance)
         print(f"exported the trained model to {args.export} (a bundle; `export` writes Hugging Face safetensors)")
@@ -294,33 +314,50 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _loss(args: argparse.Namespace) -> int:
-    """One stage-2 forward/backward on examples in file order: loss and every trainable gradient."""
+    """One forward/backward on examples in file order: the loss (stage 1 also its two terms) and the
+    gradient of every parameter the stage trains."""
     import jax.numpy as jnp
     import numpy as np
 
     from alpamayo_jax.inference.pipeline import Pipeline
     from alpamayo_jax.io.safetensors import write_safetensors
     from alpamayo_jax.processing.collate import collate
-    from alpamayo_jax.training.data import load_training_clips
+    from alpamayo_jax.training.data import check_cot_texts, load_training_clips
+    from alpamayo_jax.training.stage1 import stage1_gradients
     from alpamayo_jax.training.stage2 import FlowDraw, fit_actions, stage2_gradients
 
     _stage(args)
+    flow = {"--flow-timesteps": args.flow_timesteps, "--flow-noise": args.flow_noise}
+    if args.stage == 1 and any(value is not None for value in flow.values()):
+        raise ValueError("stage 1 has no flow matching: drop --flow-timesteps and --flow-noise")
+    missing = [flag for flag, value in flow.items() if value is None]
+    if args.stage == 2 and missing:
+        raise ValueError(f"--stage 2 needs the flow-matching draws: pass {' and '.join(missing)}")
     _output_file(args.out, "--out")
     clips = load_training_clips(args.examples)
-    timesteps = _load_array(args.flow_timesteps, "--flow-timesteps", (len(clips),))
-    noise = _load_array(args.flow_noise, "--flow-noise", None)
+    if args.stage == 2:
+        timesteps = _load_array(args.flow_timesteps, "--flow-timesteps", (len(clips),))
+        noise = _load_array(args.flow_noise, "--flow-noise", None)
     pipeline = Pipeline.load(args.model, dtype=args.dtype, processor_dir=args.processor_dir)
-    waypoints = pipeline.config.n_waypoints
-    if noise.shape != (len(clips), waypoints, 2):
-        raise ValueError(f"--flow-noise must be ({len(clips)}, {waypoints}, 2) for {len(clips)} examples, got "
-                         f"{noise.shape}")
+    check_cot_texts(clips, pipeline.tokenizer)
     batch = collate(clips, tokenizer=pipeline.tokenizer, chat_template=pipeline.chat_template, config=pipeline.config)
-    actions = fit_actions(pipeline.split, batch.inputs, batch.ego_future_xyz, batch.ego_future_rot)
-    loss, grads = stage2_gradients(pipeline.model, batch.inputs, actions, FlowDraw(jnp.asarray(timesteps),
-                                   jnp.asarray(noise)), expert_attention=args.expert_attention)
-    tensors = {"loss": np.asarray(loss, np.float32), **{f"grad.{key}": value for key, value in grads.items()}}
+    if args.stage == 1:
+        terms, grads = stage1_gradients(pipeline.model, batch.fused_inputs(), batch.labels())
+        tensors = {name: np.asarray(value, np.float32) for name, value in terms.items()}
+        loss = terms["loss"]
+        detail = f" (future_traj {terms['loss.future_traj']:.6f} + others {terms['loss.others']:.6f})"
+    else:
+        waypoints = pipeline.config.n_waypoints
+        if noise.shape != (len(clips), waypoints, 2):
+            raise ValueError(f"--flow-noise must be ({len(clips)}, {waypoints}, 2) for {len(clips)} examples, got "
+                             f"{noise.shape}")
+        actions = fit_actions(pipeline.split, batch.inputs, batch.ego_future_xyz, batch.ego_future_rot)
+        loss, grads = stage2_gradients(pipeline.model, batch.inputs, actions, FlowDraw(jnp.asarray(timesteps),
+                                       jnp.asarray(noise)), expert_attention=args.expert_attention)
+        tensors, detail = {"loss": np.asarray(loss, np.float32)}, ""
+    tensors.update({f"grad.{key}": value for key, value in grads.items()})
     write_safetensors(args.out, tensors)
-    print(f"loss {loss:.6f}; {len(grads)} gradients -> {args.out}")
+    print(f"loss {loss:.6f}{detail}; {len(grads)} gradients -> {args.out}")
     return 0
 
 
@@ -465,6 +502,13 @@ def _existing_dir(value: str) -> Path:
     return path
 
 
+def _cache_option(command) -> None:
+    """--compilation-cache, read by `main` before the command runs (`alpamayo_jax.compilation_cache`)."""
+    command.add_argument("--compilation-cache", metavar="DIR|off",
+                         help="persistent compilation cache directory, or off (default: $ALPAMAYO_JAX_CACHE_DIR, "
+                              "else $XDG_CACHE_HOME/alpamayo-jax/xla, i.e. ~/.cache/alpamayo-jax/xla)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="alpamayo-jax", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -486,9 +530,10 @@ def main(argv: list[str] | None = None) -> int:
                              help="Euler steps of flow matching (default: the checkpoint's num_inference_steps)")
 
     demo = commands.add_parser("demo", help="run the embedded tiny model on a synthetic clip (no downloads)")
-    sampling_options(demo, max_new_tokens=str(DEMO_MAX_NEW_TOKENS))
+    sampling_options(demo)
     demo.add_argument("--plot", type=Path, default=Path("alpamayo_demo.png"), help="bird's-eye-view PNG")
     demo.add_argument("--out", type=Path, default=Path("alpamayo_demo.json"), help="result JSON")
+    _cache_option(demo)
     demo.set_defaults(run=_demo, mesh=None, dtype=None)
 
     def model_options(command, *, parallel: bool = True, model_required: bool = True):
@@ -497,6 +542,7 @@ def main(argv: list[str] | None = None) -> int:
         command.add_argument("--processor-dir", type=_existing_dir,
                              help="tokenizer/template for a Hugging Face --model")
         command.add_argument("--dtype", choices=["float32", "bfloat16"], help="parameter dtype (default: as stored)")
+        _cache_option(command)
         if not parallel:
             return
         command.add_argument("--mesh", help="device mesh: a preset (single, model2, data8, data2_model4, ...) or "
@@ -569,30 +615,41 @@ def main(argv: list[str] | None = None) -> int:
 
     def training_options(command, *, parallel: bool):
         command.add_argument("--stage", type=int, choices=[1, 2], required=True,
-                             help="2: the action expert on the frozen VLM (stage 1 is not implemented yet)")
+                             help="1: the whole VLM learns to write the trajectory tokens (and the clips' "
+                                  "Chain-of-Causation text); 2: the action expert on the frozen VLM")
         model_options(command, parallel=parallel)
-        command.add_argument("--expert-attention", choices=["default", "reference"], default="default",
-                             help="default: action tokens attend bidirectionally, as at inference, padding "
-                                  "masked; reference: NVIDIA's training code exactly (causal, padding visible)")
+        command.add_argument("--expert-attention", choices=["default", "reference"],
+                             help="stage 2: default (the default): action tokens attend bidirectionally, as at "
+                                  "inference, padding masked; reference: NVIDIA's training code exactly (causal, "
+                                  "padding visible)")
 
-    train_command = commands.add_parser("train", help="fine-tune (stage 2: the action expert) on clips with ground truth")
+    train_command = commands.add_parser("train", help="fine-tune on clips with ground truth (stage 1: the VLM, "
+                                                      "stage 2: the action expert)")
     training_options(train_command, parallel=True)
     train_command.add_argument("--data", type=Path, required=True,
-                               help="directory of clip .npz files with ego_future_xyz/rot, or a list of them")
+                               help="directory of clip .npz files with ego_future_xyz/rot, a list of them, or a "
+                                    "PhysicalAI-AV dataset root (its clips at t0 = 5.1 s)")
     train_command.add_argument("--out", type=Path, required=True, help="run directory: checkpoints/, metrics.jsonl")
-    train_command.add_argument("--steps", type=int, default=1000, help="optimizer steps (default: 1000)")
-    train_command.add_argument("--batch-size", type=int, default=1, help="examples per step (default: 1)")
-    train_command.add_argument("--lr", type=float, help="peak learning rate (default: the reference's 1e-4)")
-    train_command.add_argument("--warmup", type=int, help="warmup steps (default: the reference's 100)")
+    train_command.add_argument("--steps", type=int, default=1000,
+                               help="optimizer steps (default: 1000); each takes --gradient-accumulation batches")
+    train_command.add_argument("--batch-size", type=int, default=1, help="examples per batch (default: 1)")
+    train_command.add_argument("--lr", type=float,
+                               help="peak learning rate (default: the reference's, 1e-5 stage 1, 1e-4 stage 2; the "
+                                    "vision tower learns at 0.1 x this in stage 1)")
+    train_command.add_argument("--warmup", type=int, help="warmup steps (default: the reference's, 500 stage 1, "
+                                                         "100 stage 2)")
+    train_command.add_argument("--gradient-accumulation", type=int,
+                               help="batches per optimizer step (default: the reference's, 4 stage 1, 1 stage 2)")
     train_command.add_argument("--seed", type=_seed, default=42, help="data order and flow draws (default: 42)")
-    train_command.add_argument("--save-every", type=int, default=100, help="checkpoint interval in steps")
+    train_command.add_argument("--save-every", type=int, default=100, help="checkpoint interval in optimizer steps")
     train_command.add_argument("--keep", type=int, default=3, help="checkpoints to keep")
     train_command.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     train_command.add_argument("--fsdp", action="store_true",
                                help="with --mesh: also split every parameter and its optimizer state over the "
                                     "data axis (FSDP); default: tensor parallel over the model axis only")
-    train_command.add_argument("--remat", action="store_true",
-                               help="recompute the expert's layer activations in the backward pass (less memory)")
+    train_command.add_argument("--remat", action=argparse.BooleanOptionalAction,
+                               help="recompute the trained stack's layer activations in the backward pass (less "
+                                    "memory; default: on for stage 1's language model, off for stage 2's expert)")
     train_command.add_argument("--export", type=Path,
                                help="write the trained model here as a bundle (what `infer` reads)")
     train_command.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -603,7 +660,17 @@ def main(argv: list[str] | None = None) -> int:
 
     serve = commands.add_parser("serve", help="a warm policy server: AlpaSim egodriver (gRPC) and NIM-style HTTP")
     add_serve_arguments(serve)
+    _cache_option(serve)
     serve.set_defaults(run=serve_main)
+
+    from alpamayo_jax import warmup
+
+    warmup_command = commands.add_parser("warmup", help="compile the programs of a deployment's shapes into the "
+                                                        "persistent compilation cache")
+    model_options(warmup_command)
+    sampling_options(warmup_command, noise=False)
+    warmup.add_arguments(warmup_command)
+    warmup_command.set_defaults(run=warmup.main)
 
     from alpamayo_jax.data import synthetic_dataset
 
@@ -615,10 +682,11 @@ def main(argv: list[str] | None = None) -> int:
     loss = commands.add_parser("loss", help="one forward/backward: the loss and every trainable gradient")
     training_options(loss, parallel=False)
     loss.add_argument("--examples", type=Path, nargs="+", required=True, help="clip .npz files with ground truth")
-    loss.add_argument("--flow-timesteps", type=Path, required=True, help=".npy (B,) flow times, one per example")
-    loss.add_argument("--flow-noise", type=Path, required=True, help=".npy (B, waypoints, 2) flow noise")
+    loss.add_argument("--flow-timesteps", type=Path, help="stage 2 (required): .npy (B,) flow times, one per example")
+    loss.add_argument("--flow-noise", type=Path, help="stage 2 (required): .npy (B, waypoints, 2) flow noise")
     loss.add_argument("--out", type=Path, required=True,
-                      help=".safetensors with `loss` and `grad.<checkpoint key>` (checkpoint layout, float32)")
+                      help=".safetensors with `loss` (stage 1 also `loss.future_traj`, `loss.others`) and "
+                           "`grad.<checkpoint key>` of every trained parameter (checkpoint layout, float32)")
     loss.set_defaults(run=_loss)
 
     verify = commands.add_parser("verify", help="compare with the PyTorch reference: inference stage by stage "
@@ -655,6 +723,10 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     try:
+        if hasattr(args, "compilation_cache"):  # the model commands, before anything compiles
+            from alpamayo_jax.compilation_cache import setup_compilation_cache
+
+            setup_compilation_cache(args.compilation_cache)
         return args.run(args)
     except (ValueError, OSError) as error:
         # Validation errors already say what is wrong and where; a traceback adds nothing.

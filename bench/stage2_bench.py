@@ -9,7 +9,7 @@ clips with ground truth, collated once. One training step is
     -> mean squared error to x - eps -> backward into the expert and the action projections
     -> global-norm clipping (1.0) -> AdamW
 
-JAX: `Stage2Trainer.step` (jitted, state donated). PyTorch: the same computation written with
+JAX: the stage-2 `Trainer.step` (jitted, state donated). PyTorch: the same computation written with
 transformers' Qwen3-VL modules (`alpamayo_reference.reference.TorchAlpamayo`) and torch.optim.AdamW
 under the same learning-rate table: `OptimizerConfig.stage2` over this run's steps with no warmup
 (learning rate 1e-4 decaying to 1e-6; the recipe's 100 warmup steps would keep a 12-step run
@@ -121,7 +121,7 @@ from alpamayo_jax.processing.collate import collate
 from alpamayo_jax.processing.synthetic import synthetic_clip
 from alpamayo_jax.training.optimizer import OptimizerConfig, learning_rate_schedule
 from alpamayo_jax.training.stage2 import draw_flow, fit_actions, future_start_lengths, stage2_loss
-from alpamayo_jax.training.trainer import Stage2Trainer
+from alpamayo_jax.training.trainer import Trainer
 
 FIXTURE = Path(__file__).parents[1] / "tests/fixtures/tiny_ar1_dev"
 TRAINED = ("expert.", "action_in_proj.", "action_out_proj.")
@@ -361,8 +361,8 @@ def main() -> None:
                         torch.from_numpy(np.array(d.noise, np.float32))) for d in draws]
 
         # --- JAX trainer
-        trainer, state = Stage2Trainer.create(pipeline.model, optimizer, key,
-                                              expert_attention=args.expert_attention)
+        trainer, state = Trainer.create(pipeline.model, optimizer, key, stage=2,
+                                        expert_attention=args.expert_attention)
         initial_params = jax.tree.map(jnp.copy, state.params)  # the state is donated
         device_inputs, device_actions = jax.device_put(inputs), jax.device_put(actions)
         # --- PyTorch step

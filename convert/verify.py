@@ -78,6 +78,7 @@ def verify(model_path: str | Path, hf_dir: str | Path, *, processor_dir: str | P
                                        vision_start_token_id=config.vision_start_token_id)
     length = ids.shape[1]
     errors = []
+    pixels = np.array(pixels)  # a writable copy: preprocessing returns a read-only view for torch to wrap
     with torch.no_grad():
         theirs_vision = reference.vlm.model.visual(torch.from_numpy(pixels), grid_thw=torch.from_numpy(grid))
         theirs = reference.vlm(input_ids=torch.from_numpy(ids), pixel_values=torch.from_numpy(pixels),

@@ -11,6 +11,9 @@ import os
 from pathlib import Path
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+# No persistent compilation cache in tests (the CLI turns one on by default): each test compiles
+# what it runs; tests/test_compilation.py sets its own cache directories.
+os.environ.setdefault("ALPAMAYO_JAX_CACHE_DIR", "off")
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

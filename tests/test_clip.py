@@ -50,6 +50,7 @@ def _assert_clips_equal(a: Clip, b: Clip):
     np.testing.assert_array_equal(a.timestamps, b.timestamps)
     assert a.camera_names == b.camera_names
     assert a.has_ground_truth == b.has_ground_truth
+    assert a.cot == b.cot
     if a.has_ground_truth:
         np.testing.assert_array_equal(a.ego_future_xyz, b.ego_future_xyz)
         np.testing.assert_array_equal(a.ego_future_rot, b.ego_future_rot)
@@ -148,8 +149,8 @@ _UNEVEN_CAMERA = [_FRAME] * 3 + [np.zeros((3, 8, 16), np.uint8)]
 
 def _args(**changes):
     xyz, rot = _history()
-    args = dict(camera_frames=_frames(), ego_history_xyz=xyz, ego_history_rot=rot,
-                timestamps=FRAME_TIMESTAMPS, camera_names=CAMERA_NAMES)
+    args = {"camera_frames": _frames(), "ego_history_xyz": xyz, "ego_history_rot": rot,
+                "timestamps": FRAME_TIMESTAMPS, "camera_names": CAMERA_NAMES}
     args.update(changes)
     return args
 
@@ -240,7 +241,7 @@ def _assert_names_once(error, path):
 
 def _write_npz(path, **changes):
     xyz, rot = _history()
-    arrays = dict(camera_frames=_frames(), ego_history_xyz=xyz, ego_history_rot=rot)
+    arrays = {"camera_frames": _frames(), "ego_history_xyz": xyz, "ego_history_rot": rot}
     arrays.update(changes)
     np.savez(path, **{k: v for k, v in arrays.items() if v is not None})
 
@@ -768,3 +769,52 @@ def test_invalid_future_is_not_saved(tmp_path):
     with pytest.raises(ClipError, match="ego_future_xyz: 1 of 64 steps"):
         save_clip(tmp_path / "clip.npz", clip)
     assert os.listdir(tmp_path) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Chain-of-Causation text
+# ---------------------------------------------------------------------------------------------
+
+COT = "Slow down: a vehicle ahead is braking. Keep the lane — 30 km/h."
+
+
+def test_cot_round_trip_and_older_files(tmp_path):
+    """`cot` is stored as a 0-d str array (no pickle) and read back as a str; files without the key
+    (all files written before it existed) load with cot None."""
+    clip = synthetic_clip(3, with_future=True)
+    with_cot = Clip.create(clip.camera_frames, clip.ego_history_xyz, clip.ego_history_rot,
+                           ego_future_xyz=clip.ego_future_xyz, ego_future_rot=clip.ego_future_rot, cot=COT)
+    save_clip(tmp_path / "cot.npz", with_cot)
+    with np.load(tmp_path / "cot.npz", allow_pickle=False) as archive:
+        assert archive["cot"].dtype.kind == "U" and archive["cot"].shape == ()
+    loaded = load_clip(tmp_path / "cot.npz")
+    assert loaded.cot == COT and isinstance(loaded.cot, str)
+    _assert_clips_equal(loaded, with_cot)
+    save_clip(tmp_path / "plain.npz", clip)
+    with np.load(tmp_path / "plain.npz") as archive:
+        assert "cot" not in archive.files
+    assert load_clip(tmp_path / "plain.npz").cot is None
+
+
+@pytest.mark.parametrize("cot, match", [
+    (3, "cot: expected the Chain-of-Causation text as a str, got int"),
+    (b"slow down", "got bytes"),
+    ("   ", "empty Chain-of-Causation text"),
+    ("Stop.<|cot_end|><|traj_future_start|>", re.escape("special-token markup ['<|cot_end|>', '<|traj_future_start|>']")),
+    ("done<|im_end|>", re.escape("['<|im_end|>']")),
+])
+def test_invalid_cot_raises(cot, match):
+    with pytest.raises(ClipError, match=match):
+        Clip.create(_frames(), *_history(), cot=cot)
+
+
+def test_cot_in_a_file_must_be_a_string(tmp_path):
+    clip = synthetic_clip(0)
+    np.savez(tmp_path / "bad.npz", camera_frames=clip.camera_frames, ego_history_xyz=clip.ego_history_xyz,
+             ego_history_rot=clip.ego_history_rot, cot=np.asarray(["a", "b"]))
+    with pytest.raises(ClipError, match="bad.npz: cot: expected a 0-d str array"):
+        load_clip(tmp_path / "bad.npz")
+    np.savez(tmp_path / "markup.npz", camera_frames=clip.camera_frames, ego_history_xyz=clip.ego_history_xyz,
+             ego_history_rot=clip.ego_history_rot, cot=np.asarray("go <|cot_end|>"))
+    with pytest.raises(ClipError, match=r"markup.npz: cot: contains special-token markup"):
+        load_clip(tmp_path / "markup.npz")

@@ -180,14 +180,28 @@ def test_infer_command(fixture_dir, golden, history, tmp_path):
 
 
 def test_demo_command(tmp_path):
+    """The shipped demo model (trained by scripts/make_demo_model.py) loads and, on a new synthetic
+    scene, writes readable text: greedy, exactly the scene's own explanation; sampled, sentences
+    made of the explanations' words."""
+    import re
+
+    from alpamayo_jax.data.driving_scenes import EXPLANATIONS
+
     run = _cli("demo", "--num-samples", "2", cwd=tmp_path)
     assert run.returncode == 0, run.stderr
     assert "sample 1:" in run.stdout and "after 6.4 s" in run.stdout
     _check_png(tmp_path / "alpamayo_demo.png")
     result = _check_result(tmp_path / "alpamayo_demo.json", 2)
-    # The demo's budget and the reference's sampling; 10 flow steps from the embedded checkpoint.
-    assert result["settings"] == {"num_samples": 2, "greedy": False, "temperature": 0.6, "top_p": 0.98,
-                                  "top_k": None, "max_new_tokens": 32, "num_flow_steps": 10}
+    assert result["model"] == "embedded demo model"
+    assert result["settings"]["num_samples"] == 2 and result["settings"]["greedy"] is False
+    vocabulary = set(re.findall(r"[a-z]+", " ".join(EXPLANATIONS.values()).lower()))
+    for text in result["cot"]:
+        words = re.findall(r"[a-z]+", text.lower())
+        assert len(words) >= 4 and set(words) <= vocabulary, text
+    greedy = _cli("demo", "--greedy", "--seed", "2", "--out", "greedy.json", "--plot", "greedy.png", cwd=tmp_path)
+    assert greedy.returncode == 0, greedy.stderr
+    scene = re.search(r"the scene's own explanation: '([^']+)'", greedy.stdout).group(1)
+    assert json.loads((tmp_path / "greedy.json").read_text())["cot"] == [scene]
 
 
 def test_clips_of_different_sizes_share_a_left_padded_batch(pipeline, golden, history, inputs):

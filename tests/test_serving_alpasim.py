@@ -13,9 +13,6 @@ import zlib
 import grpc
 import numpy as np
 import pytest
-
-pytest.importorskip("carla_driver_interface")
-
 from carla_driver_interface.protocol import EgodriverServiceStub, Empty
 from carla_driver_interface.testing import FakeCamera
 

@@ -14,11 +14,9 @@ import threading
 import time
 from unittest import mock
 
+import httpx
 import numpy as np
 import pytest
-
-pytest.importorskip("fastapi")
-httpx = pytest.importorskip("httpx")
 
 from alpamayo_jax import cli
 from alpamayo_jax.processing.clip_file import save_clip

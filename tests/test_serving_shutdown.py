@@ -12,11 +12,7 @@ import sys
 import threading
 import time
 
-import pytest
-
-pytest.importorskip("fastapi")
-pytest.importorskip("carla_driver_interface")
-httpx = pytest.importorskip("httpx")
+import httpx
 
 from alpamayo_jax.processing.synthetic import synthetic_clip
 from tests.serving_support import IMAGE_SIZE, TINY, nim_payload

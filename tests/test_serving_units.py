@@ -102,7 +102,6 @@ def test_metrics_render_prometheus_text():
 
 
 def test_request_settings_override_the_defaults():
-    pytest.importorskip("pydantic")
     from alpamayo_jax.config import tiny
     from alpamayo_jax.inference.inference_config import InferenceConfig
     from alpamayo_jax.serving.nim import RequestError, request_settings
@@ -139,8 +138,6 @@ def test_serve_flags_parse_without_the_extra():
     (["--mesh", "3by4"], "unknown mesh"),
 ])
 def test_serve_checks_options_before_the_model_loads(monkeypatch, extra, message):
-    pytest.importorskip("fastapi")
-    pytest.importorskip("carla_driver_interface")
     from alpamayo_jax.inference.pipeline import Pipeline
     from alpamayo_jax.serving.command import add_arguments, main
     from tests.serving_support import TINY

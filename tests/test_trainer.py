@@ -15,7 +15,7 @@ from alpamayo_jax.processing.collate import collate
 from alpamayo_jax.processing.synthetic import synthetic_clip
 from alpamayo_jax.training.optimizer import OptimizerConfig
 from alpamayo_jax.training.stage2 import fit_actions
-from alpamayo_jax.training.trainer import CHECKPOINT_DIR, METRICS_FILE, Stage2Trainer, train
+from alpamayo_jax.training.trainer import CHECKPOINT_DIR, METRICS_FILE, Trainer, train
 
 STEPS = 40
 OPTIMIZER = OptimizerConfig(learning_rate=3e-3, warmup_steps=2, total_steps=STEPS, min_learning_rate=3e-4)
@@ -34,7 +34,7 @@ def clips():
 
 
 def run(pipeline, clips, run_dir, steps, **options):
-    trainer, state = Stage2Trainer.create(pipeline.model, OPTIMIZER, jax.random.key(0))
+    trainer, state = Trainer.create(pipeline.model, OPTIMIZER, jax.random.key(0), stage=2)
     result = train(trainer, state, clips, split=pipeline.split, tokenizer=pipeline.tokenizer,
                    chat_template=pipeline.chat_template, run_dir=run_dir, steps=steps, batch_size=2, seed=1,
                    save_every=10, **options)
@@ -64,7 +64,7 @@ def test_training_lowers_the_loss(pipeline, clips, uninterrupted):
         return float(np.mean([trainer.loss(params, trainer.frozen, batch.inputs, actions, jax.random.key(100 + i))[0]
                               for i in range(8)]))
 
-    _, initial = Stage2Trainer.create(pipeline.model, OPTIMIZER, jax.random.key(0))
+    _, initial = Trainer.create(pipeline.model, OPTIMIZER, jax.random.key(0), stage=2)
     before, after = loss(initial.params), loss(result.state.params)
     print(f"stage-2 loss on fixed draws: {before:.4f} before, {after:.4f} after {STEPS} steps")
     assert after < 0.85 * before
@@ -72,8 +72,8 @@ def test_training_lowers_the_loss(pipeline, clips, uninterrupted):
 
 
 def test_resume_repeats_the_uninterrupted_run(pipeline, clips, uninterrupted, tmp_path):
-    run_dir, _, full = uninterrupted
-    first_trainer, first = run(pipeline, clips, tmp_path, 20)
+    _run_dir, _, full = uninterrupted
+    _first_trainer, first = run(pipeline, clips, tmp_path, 20)
     assert first.losses == full.losses[:20]
     # A fresh process would rebuild the trainer; the state comes from the step-20 checkpoint.
     _, resumed = run(pipeline, clips, tmp_path, STEPS, resume=True)
@@ -109,7 +109,7 @@ def test_remat_recomputes_the_same_gradients(pipeline, batch_and_actions):
     key = jax.random.key(3)
     results = {}
     for remat in (False, True):
-        trainer, state = Stage2Trainer.create(pipeline.model, OPTIMIZER, jax.random.key(0), remat=remat)
+        trainer, state = Trainer.create(pipeline.model, OPTIMIZER, jax.random.key(0), stage=2, remat=remat)
 
         def loss(params, trainer=trainer):
             return trainer.loss(params, trainer.frozen, inputs, actions, key)[0]
@@ -136,7 +136,7 @@ def test_bfloat16_parameters_keep_a_float32_optimizer_state(fixture_dir, batch_a
     pipeline = Pipeline.load(fixture_dir / "hf", processor_dir=fixture_dir / "vlm", dtype="bfloat16")
     inputs, actions = batch_and_actions
     optimizer = OptimizerConfig(learning_rate=1e-2, warmup_steps=1, total_steps=10)
-    trainer, state = Stage2Trainer.create(pipeline.model, optimizer, jax.random.key(0))
+    trainer, state = Trainer.create(pipeline.model, optimizer, jax.random.key(0), stage=2)
     assert {leaf.dtype for leaf in jax.tree.leaves(state.params)} == {jnp.dtype(jnp.bfloat16)}
     moments = [leaf for leaf in jax.tree.leaves(state.opt_state) if jnp.issubdtype(leaf.dtype, jnp.floating)]
     assert moments and {leaf.dtype for leaf in moments} == {jnp.dtype(jnp.float32)}

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
@@ -15,13 +16,13 @@ from alpamayo_jax.config import tiny
 from alpamayo_jax.processing.chat_template import PromptError, load_chat_template
 from alpamayo_jax.processing.clip import Clip, ClipError
 from alpamayo_jax.processing.collate import TrainingBatch, collate, last_future_start
-from alpamayo_jax.processing.model_inputs import left_pad
 from alpamayo_jax.processing.image import (
     flatten_camera_frames,
     patchify,
     preprocess_images,
     resize_bicubic_aa_float,
 )
+from alpamayo_jax.processing.model_inputs import left_pad
 from alpamayo_jax.processing.prompt import history_tokens
 from alpamayo_jax.processing.tokenizer import build_tokenizer, special_token
 from alpamayo_jax.processing.training_prompt import (
@@ -139,6 +140,43 @@ def test_batch_matches_reference_exactly(batch, data):
     _assert_equal(batch.ego_future_rot, data["input.ego_future_rot"][:, 0], "ego_future_rot")
     assert (batch.labels() != IGNORE_INDEX).sum(axis=1).tolist() == [131, 131]
     assert len(jax.tree_util.tree_leaves(batch)) == len(jax.tree_util.tree_leaves(inputs)) + 4  # a pytree
+
+
+def test_every_data_tensor_is_reproduced(batch, data, clips, tok, template):
+    """Each `data.*` tensor of the fixture, from the clips (`input.*`) through our collate: the
+    integer and boolean ones exactly, the pixels to 1e-7. The toy vocabulary's unpatched mask is
+    what a role that matches no turn gives (test_toy_unpatched_mask_is_what_a_one_token_lookup_gives)."""
+    encoded = [encode_training_prompt(c.camera_frames, tokenizer=tok, chat_template=template, config=CFG)
+               for c in clips]
+    history = CFG.traj_token_ids.history
+    inputs = batch.inputs
+    ours = {
+        "data.input_ids": left_pad([ids for ids, _, _ in encoded], tok.pad_token_id)[0],
+        "data.attention_mask": inputs.attention_mask.astype(np.int64),
+        "data.image_grid_thw": np.asarray(inputs.image_grid),
+        "data.position_ids": inputs.position_ids,
+        "data.rope_deltas": inputs.rope_deltas[:, None],
+        "data.hist_tokens_raw": np.stack([history_tokens(c.ego_history_xyz, c.ego_history_rot, CFG) for c in clips]),
+        "data.hist_tokens": inputs.input_ids[data["data.input_ids"] == history].reshape(2, -1),
+        "data.future_tokens_raw": batch.future_token_ids - CFG.traj_token_start_idx,
+        "data.future_tokens": batch.future_token_ids,
+        "data.fused_input_ids": batch.fused_input_ids(),
+        "data.labels_mask": batch.labels_mask,
+        "data.labels_mask_toy_unpatched": labels_mask(data["data.input_ids"], tokenizer=tok, config=CFG,
+                                                      role="nobody"),
+        "data.labels": batch.labels(),
+    }
+    assert set(ours) | {"data.pixel_values"} == {key for key in data if key.startswith("data.")}
+    for key, value in ours.items():
+        assert data[key].dtype.kind in "biu", key
+        _assert_equal(value, data[key], key)
+    error = float(np.abs(inputs.pixel_values - data["data.pixel_values"]).max())
+    print(f"data.pixel_values: max abs error {error:.3g}; every other data.* tensor exact")
+    assert inputs.pixel_values.shape == data["data.pixel_values"].shape and error <= 1e-7
+    # Stage 1's input: the fused ids with the same positions (they depend on images and padding only).
+    fused = batch.fused_inputs()
+    _assert_equal(fused.input_ids, data["data.fused_input_ids"], "fused_inputs().input_ids")
+    _assert_equal(fused.position_ids, data["data.position_ids"], "fused_inputs().position_ids")
 
 
 def test_history_and_future_tokens_match_reference(batch, data, clips):
@@ -351,3 +389,67 @@ def test_training_pixels_of_a_resized_image(tok, template):
     print(f"training pixels of a resized image: max abs error {error:.3g}")
     assert error <= 5e-7
     assert int((ids == CFG.image_token_id).sum()) == int(np.prod(grid)) // CFG.vision.spatial_merge_size**2
+
+
+# ---------------------------------------------------------------------------------------------
+# Chain-of-Causation text (the reference's `cot` component)
+# ---------------------------------------------------------------------------------------------
+
+COT = "Slow down: a vehicle ahead is braking."
+
+
+def test_cot_prompt_and_labels(data, tok, template):
+    """A hand-built example with CoC text: the instruction asks for both outputs, the assistant turn
+    is `<|cot_start|>` + text + `<|cot_end|>` + the trajectory span + `<|im_end|>`, and the labels
+    gain exactly the cot span (start, text tokens, end), all in the `others` term of the stage-1
+    loss; the trajectory labels stay as they were."""
+    from alpamayo_jax.processing.prompt import INSTRUCTION
+    from alpamayo_jax.training.stage1 import target_masks
+
+    plain = _clip(data, 0)
+    with_cot = Clip.create(plain.camera_frames, plain.ego_history_xyz, plain.ego_history_rot,
+                           ego_future_xyz=plain.ego_future_xyz, ego_future_rot=plain.ego_future_rot, cot=COT)
+    text = render_training_prompt(16, tokenizer=tok, chat_template=template,
+                                  num_history_tokens=CFG.tokens_per_history_traj,
+                                  num_future_tokens=CFG.tokens_per_future_traj, cot=COT)
+    future = special_token("traj_future_start") + special_token("traj_future") * 128 + special_token("traj_future_end")
+    assert INSTRUCTION + "<|im_end|>\n<|im_start|>assistant\n<|cot_start|>" + COT + "<|cot_end|>" + future \
+        + "<|im_end|>\n" in text
+    assert INSTRUCTION == "output the chain-of-thought reasoning of the driving process, then output the future trajectory."
+
+    before = collate([plain], tokenizer=tok, chat_template=template, config=CFG)
+    after = collate([with_cot], tokenizer=tok, chat_template=template, config=CFG)
+    cot_ids = tok.encode(COT, add_special_tokens=False)
+    labels, old = after.labels()[0], before.labels()[0]
+    supervised, old_supervised = labels[labels != IGNORE_INDEX], old[old != IGNORE_INDEX]
+    cot_start, cot_end = tok.token_to_id("<|cot_start|>"), tok.token_to_id("<|cot_end|>")
+    np.testing.assert_array_equal(supervised[: len(cot_ids) + 2], [cot_start, *cot_ids, cot_end])
+    np.testing.assert_array_equal(supervised[len(cot_ids) + 2:], old_supervised)  # trajectory span + <|im_end|>
+    assert len(supervised) == 131 + len(cot_ids) + 2
+    # The instruction grew too: the prompt is longer by the instruction's and the cot's tokens.
+    extra = len(tok.encode(INSTRUCTION, add_special_tokens=False)) - len(
+        tok.encode("output the future trajectory.", add_special_tokens=False))
+    assert after.inputs.input_ids.shape[1] == before.inputs.input_ids.shape[1] + extra + len(cot_ids) + 2
+    # Stage 1's split: the cot targets join the `others` term, the trajectory term keeps its 130.
+    traj, others = (np.asarray(m) for m in target_masks(jnp.asarray(after.labels()[:, 1:]), CFG))
+    assert traj.sum() == 130 and others.sum() == 1 + len(cot_ids) + 2
+    _assert_equal(after.future_token_ids, before.future_token_ids, "future tokens")
+
+
+def test_cot_with_the_tokenizers_special_tokens_is_refused(data, tok, template):
+    """Clip.create refuses `<|...|>` markup; the tokenizer-level check also catches the vocabulary's
+    other added tokens, e.g. the trajectory bins `<i3>`, which would enter the trajectory term."""
+    from alpamayo_jax.processing.training_prompt import check_cot
+    from alpamayo_jax.training.data import check_cot_texts
+
+    plain = _clip(data, 0)
+    sneaky = Clip.create(plain.camera_frames, plain.ego_history_xyz, plain.ego_history_rot,
+                         ego_future_xyz=plain.ego_future_xyz, ego_future_rot=plain.ego_future_rot,
+                         cot="turn left <i3> now")
+    with pytest.raises(ClipError, match=r"cot: contains the tokenizer's special token\(s\) \['<i3>'\]"):
+        check_cot("turn left <i3> now", tok)
+    with pytest.raises(PromptError, match=r"clip 0: cot: contains the tokenizer's special token"):
+        collate([sneaky], tokenizer=tok, chat_template=template, config=CFG)
+    with pytest.raises(ClipError, match=r"1 training clip\(s\) cannot be used:\n  clip 1: cot: contains"):
+        check_cot_texts([plain, sneaky], tok)
+    check_cot(COT, tok)

@@ -7,13 +7,19 @@ these solvers with autocast disabled).
 
 Shape legend: `...` any leading batch axes; N the number of unknowns of a solve (the waypoints);
 N+1 when the value at t0 is part of the sequence.
+
+The factorisation and the triangular solves are written here in plain jax.numpy (`cholesky`,
+`cho_solve`) rather than taken from `jnp.linalg` / `jax.scipy.linalg`: on the CPU those call
+LAPACK through jaxlib 0.10.2's batched kernels, which wait for their batch on the thread pool they
+run on, so two of them at once (two solves XLA runs side by side, or two programs in flight) on
+a two-core machine deadlock the process. The systems are small (N <= 64), so a column loop costs
+nothing that matters.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import jax.scipy.linalg as jsl
 import numpy as np
 
 
@@ -37,12 +43,63 @@ def smoothing_matrix(n: int, order: int, lam: float, dt: float) -> np.ndarray:
 RIDGE_RETRIES = 4
 
 
+def cholesky(matrix: jax.Array) -> jax.Array:
+    """The lower Cholesky factor L (..., N, N) of symmetric `matrix` (..., N, N) (its lower
+    triangle is read), L Lᵀ = matrix; non-finite entries where `matrix` is not positive definite
+    (a pivot <= 0 gives an inf or NaN that runs through the later columns), as LAPACK's factor
+    does. One column per step of a `fori_loop`, left-looking:
+    L[:, j] = (A[:, j] - L[:, :j] L[j, :j]) / sqrt(pivot), zero above the diagonal."""
+    _, lower = jax.lax.fori_loop(0, matrix.shape[-1], _cholesky_column, (matrix, jnp.zeros_like(matrix)))
+    return lower
+
+
+def cho_solve(lower: jax.Array, rhs: jax.Array) -> jax.Array:
+    """x (..., N) with L Lᵀ x = rhs (..., N), L = `lower` (..., N, N) from `cholesky`: forward
+    substitution for L y = rhs, then back substitution for Lᵀ x = y, one unknown per step."""
+    n = lower.shape[-1]
+    _, _, y = jax.lax.fori_loop(0, n, _forward_substitution, (lower, rhs, jnp.zeros_like(rhs)))
+    _, _, x = jax.lax.fori_loop(0, n, _back_substitution, (lower, y, jnp.zeros_like(rhs)))
+    return x
+
+
+# The loop bodies are module-level functions, the data in the carry: a `fori_loop` called outside
+# `jit` is compiled once per body function, so a closure made per call would compile per call.
+def _cholesky_column(j, carry):
+    matrix, lower = carry
+    index = jnp.arange(matrix.shape[-1])
+    unit = (index == j).astype(matrix.dtype)  # (N,) e_j
+    row_j = jnp.sum(lower * unit[:, None], axis=-2)  # (..., N) L[j, :], zero from column j on
+    residual = jnp.sum(matrix * unit, axis=-1) - jnp.sum(lower * row_j[..., None, :], axis=-1)  # (..., N)
+    pivot = jnp.sqrt(jnp.sum(residual * unit, axis=-1))  # (...,)
+    values = jnp.where(index >= j, residual / pivot[..., None], 0.0)
+    return matrix, lower + values[..., :, None] * unit
+
+
+def _forward_substitution(i, carry):
+    lower, rhs, y = carry
+    unit = (jnp.arange(lower.shape[-1]) == i).astype(lower.dtype)
+    row = jnp.sum(lower * unit[:, None], axis=-2)  # L[i, :]
+    pivot = jnp.sum(row * unit, axis=-1)
+    value = (jnp.sum(rhs * unit, axis=-1) - jnp.sum(row * y, axis=-1)) / pivot
+    return lower, rhs, y + value[..., None] * unit
+
+
+def _back_substitution(step, carry):
+    lower, y, x = carry
+    i = lower.shape[-1] - 1 - step
+    unit = (jnp.arange(lower.shape[-1]) == i).astype(lower.dtype)
+    column = jnp.sum(lower * unit, axis=-1)  # L[:, i] = Lᵀ[i, :]
+    pivot = jnp.sum(column * unit, axis=-1)
+    value = (jnp.sum(y * unit, axis=-1) - jnp.sum(column * x, axis=-1)) / pivot
+    return lower, y, x + value[..., None] * unit
+
+
 def cholesky_ridge(matrix: jax.Array, ridge: float) -> jax.Array:
     """The ridge r (...,) to add to `matrix` (..., N, N) so that its Cholesky factorisation succeeds.
 
     The reference factorises `matrix + ridge·I` and, on failure, multiplies the ridge by 10 and
-    tries again. Here a failure is a factor with a non-finite entry (what `jnp.linalg.cholesky`
-    returns for a matrix that is not positive definite), and the attempts are evaluated side by
+    tries again. Here a failure is a factor with a non-finite entry (what `cholesky` returns for a
+    matrix that is not positive definite), and the attempts are evaluated side by
     side, without control flow, then the first success is picked per batch element:
 
     * ridge·10^k for k = 0..RIDGE_RETRIES: when the first attempt succeeds the ridge is `ridge`
@@ -54,9 +111,7 @@ def cholesky_ridge(matrix: jax.Array, ridge: float) -> jax.Array:
       propagates to the solution of that batch element only.
 
     That costs RIDGE_RETRIES + 2 small factorisations per solve instead of one, but no
-    data-dependent loop: as a `lax.while_loop`, this search hung the XLA:CPU runtime (jax 0.10.2,
-    two cores) inside the jitted `traj_to_action`. The matrix is treated as a constant: the
-    ridge is piecewise constant.
+    data-dependent loop. The matrix is treated as a constant: the ridge is piecewise constant.
     """
     matrix = jax.lax.stop_gradient(matrix)
     ladder = np.float32(ridge * 10.0 ** np.arange(RIDGE_RETRIES + 1))
@@ -69,7 +124,7 @@ def cholesky_ridge(matrix: jax.Array, ridge: float) -> jax.Array:
         axis=-1,
     )  # (..., RIDGE_RETRIES + 2)
     eye = jnp.eye(matrix.shape[-1], dtype=matrix.dtype)
-    chol = jnp.linalg.cholesky(matrix[..., None, :, :] + candidates[..., None, None] * eye)
+    chol = cholesky(matrix[..., None, :, :] + candidates[..., None, None] * eye)
     factorised = jnp.all(jnp.isfinite(chol), axis=(-2, -1))
     first = jnp.argmax(factorised, axis=-1)  # 0 when nothing factorises
     return jnp.take_along_axis(candidates, first[..., None], axis=-1)[..., 0]
@@ -84,8 +139,8 @@ def solve_spd(matrix: jax.Array, rhs: jax.Array, ridge: float) -> jax.Array:
     Differentiable in matrix and rhs (the ridge is held constant).
     """
     r = cholesky_ridge(matrix, ridge)
-    chol = jnp.linalg.cholesky(matrix + r[..., None, None] * jnp.eye(matrix.shape[-1], dtype=matrix.dtype))
-    return jsl.cho_solve((chol, True), rhs[..., None])[..., 0]
+    chol = cholesky(matrix + r[..., None, None] * jnp.eye(matrix.shape[-1], dtype=matrix.dtype))
+    return cho_solve(chol, rhs)
 
 
 def _tridiagonal(diag: jax.Array, off: jax.Array) -> jax.Array:

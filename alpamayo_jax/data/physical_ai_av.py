@@ -89,6 +89,13 @@ class DatasetError(ValueError):
     """A clip, t0 or dataset file that cannot give a sample."""
 
 
+def is_dataset_root(path: str | os.PathLike) -> bool:
+    """Whether `path` looks like a PhysicalAI-AV root (its features table and clip index), as
+    opposed to, say, a directory of `.npz` clips."""
+    path = Path(path)
+    return (path / FEATURES_FILE).is_file() and (path / CLIP_INDEX_FILE).is_file()
+
+
 def seconds_to_us(seconds: float) -> int:
     """t0 in microseconds (what `read` takes) from seconds on the clip's clock."""
     return round(seconds * 1_000_000)

@@ -38,7 +38,7 @@ import jax
 import numpy as np
 
 from alpamayo_jax.data.iterator import ClipFileSource, DatasetSource, Source
-from alpamayo_jax.data.physical_ai_av import CLIP_INDEX_FILE, FEATURES_FILE
+from alpamayo_jax.data.physical_ai_av import is_dataset_root
 from alpamayo_jax.evaluation.metrics import best_sample_errors, trajectory_metrics
 from alpamayo_jax.io.atomic import write_atomically
 from alpamayo_jax.processing.clip import Clip
@@ -46,13 +46,6 @@ from alpamayo_jax.processing.clip import Clip
 METRICS_FILE = "metrics.json"
 METRICS_CSV = "metrics.csv"
 SUMMARY_PLOT = "summary.png"
-
-
-def is_dataset_root(path: str | os.PathLike) -> bool:
-    """Whether `path` is a PhysicalAI-AV root (features table and clip index) rather than a
-    directory of `.npz` clips."""
-    path = Path(path)
-    return (path / FEATURES_FILE).is_file() and (path / CLIP_INDEX_FILE).is_file()
 
 
 def open_source(data: str | os.PathLike, clips: Sequence[str] | None = None, *, t0="keyframe") -> Source:

@@ -197,7 +197,7 @@ def plot_camera_mosaic(
         for f in range(num_frames):
             ax = axes[c, f]
             ax.imshow(frames[f].transpose(1, 2, 0), interpolation="nearest")
-            ax.set_title(f"{names[c]}  t = {times[f]:+.1f} s", fontsize=8)
+            ax.set_title(f"{names[c]}  t = {round(float(times[f]), 1) + 0.0:+.1f} s", fontsize=8)
             ax.set_xticks([])
             ax.set_yticks([])
             if projected is not None and names[c] == camera and f == num_frames - 1:

@@ -36,7 +36,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from alpamayo_jax.models.kv_cache import KVCache
 from alpamayo_jax.inference.sampling import (
     REFERENCE_SAMPLING,
     SamplingParams,
@@ -47,6 +46,7 @@ from alpamayo_jax.inference.sampling import (
 )
 from alpamayo_jax.models.alpamayo import AlpamayoR1
 from alpamayo_jax.models.expert import ExpertContext, expert_context
+from alpamayo_jax.models.kv_cache import KVCache
 from alpamayo_jax.nn.module_jit import SplitModule, module_jit
 from alpamayo_jax.processing.model_inputs import ModelInputs
 from alpamayo_jax.sharding import constrain, to_host
@@ -307,13 +307,19 @@ def _prefill_fn(model: AlpamayoR1, inputs: ModelInputs, *, capacity: int, num_sa
 
 
 def _decode_fn(model: AlpamayoR1, cache, first_logits, rope_deltas, key, prompt_stop_index, *,
-               config: GenerationConfig) -> GenerationResult:
+               config: GenerationConfig, derive_key: Callable[[jax.Array], jax.Array] | None = None,
+               samples_per_key: int | None = None) -> GenerationResult:
+    """The decode loop; the rollout's keys are made inside the program: `derive_key(key)`, expanded
+    to one key per row with `samples_per_key`."""
+    key = key if derive_key is None else derive_key(key)
+    key = key if samples_per_key is None else row_keys(key, samples_per_key)
     return decode(_language_model_step(model.vlm), cache, first_logits, rope_deltas, key, config=config,
                   prompt_stop_index=prompt_stop_index)
 
 
 prefill = module_jit(_prefill_fn, static_argnames=("capacity", "num_samples", "stop_token_id"))
-decode_rollout = module_jit(_decode_fn, static_argnames=("config",), donate_argnames=("cache",))
+decode_rollout = module_jit(_decode_fn, static_argnames=("config", "derive_key", "samples_per_key"),
+                            donate_argnames=("cache",))
 
 
 def generate(
@@ -323,30 +329,37 @@ def generate(
     config: GenerationConfig,
     key: jax.Array | None = None,  # PRNG key, or (C,) keys one per clip; required when sampling
     num_samples: int = 1,
+    derive_key: Callable[[jax.Array], jax.Array] | None = None,
 ) -> GenerationResult:
     """Prefill then decode `num_samples` rollouts per clip; returns B = C * num_samples rows
     (clip-major: row = clip * num_samples + sample).
 
     One key draws for the whole batch. A (C,) array of keys gives each clip its own: row
     (c, s) then draws from fold_in(key[c], s) (`row_keys`), so a clip's result does not depend on
-    the clips it is batched with.
+    the clips it is batched with. `derive_key`, a module-level function that keeps the key's
+    shape (static: part of the compiled program), is applied to `key` first, inside the decode
+    program (the pipeline splits its run key there, so that no PRNG op runs on its own).
 
     Two compiled programs: the prefill (per input shapes and image grid, capacity, num_samples)
-    and the decode loop (per row count, capacity, config); both are reused across calls. The same
-    key gives the same result; greedy decoding ignores it.
+    and the decode loop (per row count, capacity, config, key layout); both are reused across
+    calls, and with a key nothing runs outside them. The same key gives the same result; greedy
+    decoding ignores it (without one it gets `jax.random.key(0)`).
     """
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     if config.sampling.do_sample and key is None:
         raise ValueError("sampling needs a PRNG key")
+    samples_per_key = None
     if key is not None and key.ndim == 1:
         if key.shape != (inputs.num_clips,):
             raise ValueError(f"one key per clip: expected ({inputs.num_clips},) keys, got {key.shape}")
-        key = row_keys(key, num_samples)
+        samples_per_key = num_samples
     elif key is not None and key.ndim != 0:
         raise ValueError(f"key must be one PRNG key or (clips,) keys, got shape {key.shape}")
     capacity = inputs.prompt_length + config.max_new_tokens - 1
     cache, first_logits, rope_deltas, prompt_stop_index = prefill(
         model, inputs, capacity=capacity, num_samples=num_samples, stop_token_id=config.stop_after_token_id)
-    return decode_rollout(model, cache, first_logits, rope_deltas, jax.random.key(0) if key is None else key,
-                          prompt_stop_index, config=config)
+    if key is None:  # greedy without a key: any key serves, and the program is the one a key gets
+        key, derive_key = jax.random.key(0), None
+    return decode_rollout(model, cache, first_logits, rope_deltas, key, prompt_stop_index, config=config,
+                          derive_key=derive_key, samples_per_key=samples_per_key)

@@ -7,6 +7,10 @@
 `sample_trajectories` runs it on clips, `sample_from_inputs` on prepared `ModelInputs`; an
 `InferenceConfig` says how (defaults from the checkpoint).
 
+After the inputs are prepared, a run is four compiled programs (prefill, decode loop, flow
+matching, rollout) and nothing outside them: the run key is split, and the noise drawn, inside
+the decode and flow programs (docs/compilation.md).
+
 Shapes: C clips, S samples per clip, W waypoints (64), L prompt length, H history poses (16).
 """
 
@@ -14,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import os
 import time
 from collections.abc import Sequence
@@ -26,12 +29,11 @@ import numpy as np
 from alpamayo_jax.action.unicycle import action_to_traj
 from alpamayo_jax.config import AlpamayoConfig
 from alpamayo_jax.inference.flow_matching import euler_sample, initial_noise
-from alpamayo_jax.inference.generation import generate
+from alpamayo_jax.inference.generation import GenerationResult, generate
 from alpamayo_jax.inference.inference_config import InferenceConfig
 from alpamayo_jax.io.bundle import PROCESSOR_DIR, is_bundle
 from alpamayo_jax.io.load import load_model
 from alpamayo_jax.models.alpamayo import AlpamayoR1
-from alpamayo_jax.models.expert import ExpertContext
 from alpamayo_jax.nn.module_jit import SplitModule, module_jit
 from alpamayo_jax.processing.chat_template import load_chat_template
 from alpamayo_jax.processing.clip import Clip
@@ -106,8 +108,39 @@ class TrajectorySamples:
     timings: dict[str, float]  # seconds per stage (host wall clock, results ready)
 
 
-def _denoise_fn(model: AlpamayoR1, noise: jax.Array, context: ExpertContext, *, num_steps: int) -> jax.Array:
+def _split_run_key(key: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(generation key, noise key) of a run's key: `jax.random.split` of one key, or of each of
+    (C,) per-clip keys. Traced inside the compiled stages (no PRNG op runs on its own)."""
+    if key.ndim == 0:
+        generation_key, noise_key = jax.random.split(key)
+    else:
+        generation_key, noise_key = jax.vmap(jax.random.split, out_axes=1)(key)
+    return generation_key, noise_key
+
+
+def _generation_key(key: jax.Array) -> jax.Array:
+    return _split_run_key(key)[0]
+
+
+def _draw_noise(key: jax.Array, rows: int, waypoints: int) -> jax.Array:
+    """(rows, W, 2) initial flow noise from the run's key: one draw for the batch, or with (C,)
+    per-clip keys one draw of rows / C samples per clip (clip-major)."""
+    noise_key = _split_run_key(key)[1]
+    if key.ndim == 0:
+        return initial_noise(noise_key, rows, waypoints)
+    per_clip = jax.vmap(lambda k: initial_noise(k, rows // key.shape[0], waypoints))(noise_key)
+    return per_clip.reshape(rows, waypoints, -1)
+
+
+def _denoise_fn(model: AlpamayoR1, result: GenerationResult, key: jax.Array, noise: jax.Array | None, *,
+                num_steps: int) -> jax.Array:
+    """Flow matching on the rollout's cache: the expert's view of it, the initial noise (drawn
+    here from the run's key when `noise` is None) and the Euler steps, in one program."""
+    waypoints = model.config.n_waypoints
+    if noise is None:
+        noise = _draw_noise(key, result.tokens.shape[0], waypoints)
     noise = constrain(noise, ("batch", None, None), name="flow noise")
+    context = result.expert_context(waypoints)
     return euler_sample(lambda x, t: model.action_velocity(x, t, context), noise, num_steps).actions
 
 
@@ -160,26 +193,17 @@ def sample_from_inputs(
     start = time.perf_counter()
     clips, waypoints, num_samples = inputs.num_clips, config.n_waypoints, settings.num_samples
     rows = clips * num_samples
-    if key.ndim == 0:
-        generation_key, noise_key = jax.random.split(key)
-        draw_noise = functools.partial(initial_noise, noise_key, rows, waypoints)
-    elif key.shape == (clips,):
-        generation_key, noise_key = jax.vmap(jax.random.split, out_axes=1)(key)
-
-        def draw_noise():
-            per_clip = jax.vmap(lambda k: initial_noise(k, num_samples, waypoints))(noise_key)
-            return per_clip.reshape(rows, waypoints, -1)
-    else:
+    if key.ndim not in (0, 1) or (key.ndim == 1 and key.shape != (clips,)):
         raise ValueError(f"key must be one PRNG key or ({clips},) keys, one per clip; got shape {key.shape}")
-    noise = draw_noise() if noise is None else check_noise(noise, rows, waypoints)
+    noise = None if noise is None else check_noise(noise, rows, waypoints)
     generation_config = settings.generation_config(config, pad_token_id=pipeline.tokenizer.pad_token_id)
     with pipeline.on_mesh():
-        result = generate(pipeline.split, inputs, config=generation_config, key=generation_key,
-                          num_samples=num_samples)
+        result = generate(pipeline.split, inputs, config=generation_config, key=key, num_samples=num_samples,
+                          derive_key=_generation_key)
         num_steps = int(result.num_steps)  # the one host sync of the rollout, after the loop
         start = _timed(timings, "generate", start)
 
-        actions = denoise(pipeline.split, noise, result.expert_context(waypoints), num_steps=settings.num_flow_steps)
+        actions = denoise(pipeline.split, result, key, noise, num_steps=settings.num_flow_steps)
         actions.block_until_ready()
         start = _timed(timings, "flow_matching", start)
 

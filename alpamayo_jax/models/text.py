@@ -129,10 +129,12 @@ class CausalLM(nnx.Module):
         deepstack_embeds: jax.Array | None = None,  # (J, B, T, D), zero outside visual tokens
         last_logits_only: bool = False,
         return_layer_outputs: bool = False,
+        remat: bool = False,
     ) -> LMOutput:
         """Causal forward over T new tokens, attending to the cache's real tokens (if any) and to
         themselves; no token attends to padding (`attention_mask` false), whose keys the cache
-        keeps marked as such."""
+        keeps marked as such. `remat` recomputes each decoder layer in the backward pass
+        (`TextDecoder`)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         if inputs_embeds is None:
@@ -158,7 +160,7 @@ class CausalLM(nnx.Module):
             prefix_kv = (cache.k, cache.v)
         out = self.language_model(
             inputs_embeds, position_ids, bias_from_mask(mask)[:, None], prefix_kv,
-            deepstack_embeds, return_layer_outputs,
+            deepstack_embeds, return_layer_outputs, remat,
         )
         hidden = out.hidden_states[:, -1:] if last_logits_only else out.hidden_states
         return LMOutput(

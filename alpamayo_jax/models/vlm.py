@@ -137,10 +137,12 @@ class Qwen3VL(CausalLM):
         deepstack_embeds: jax.Array | None = None,  # (J, B, T, D)
         last_logits_only: bool = False,
         return_layer_outputs: bool = False,
+        remat: bool = False,
     ) -> LMOutput:
         """Multimodal forward when `pixel_values` is given (prefill), else `CausalLM.__call__`.
 
-        Layer outputs (with `return_layer_outputs`) are taken before each DeepStack addition.
+        Layer outputs (with `return_layer_outputs`) are taken before each DeepStack addition;
+        `remat` recomputes the language model's layers in the backward pass.
         """
         if pixel_values is not None:
             if input_ids is None or image_grid_thw is None:
@@ -156,5 +158,5 @@ class Qwen3VL(CausalLM):
             input_ids, inputs_embeds=inputs_embeds, position_ids=position_ids, attention_mask=attention_mask,
             cache=cache,
             deepstack_embeds=deepstack_embeds, last_logits_only=last_logits_only,
-            return_layer_outputs=return_layer_outputs,
+            return_layer_outputs=return_layer_outputs, remat=remat,
         )

@@ -32,11 +32,17 @@ The ground truth (`ego_future_xyz`, `ego_future_rot`; optional, both or neither,
 `HISTORY_DT`, oldest first, starting one step after t0, in the same t0 ego frame as the history.
 Its motion is checked like the history's: no step between consecutive future poses, nor the step
 from the last history pose (t0, the origin) to the first future pose, faster than `MAX_SPEED`.
+
+A training clip may also carry its Chain-of-Causation text (`cot`, optional): the reasoning the
+model is taught to write before the trajectory (`processing.training_prompt`). It is plain text:
+non-empty, and free of special-token markup `<|...|>` (the tokenizer-dependent check, against
+every added token of the vocabulary, is `training_prompt.check_cot`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections import Counter
 from collections.abc import Sequence
 
@@ -66,6 +72,8 @@ MAX_SPEED = 100.0
 # 1e-3 still rejects anything that is not a rotation (a reflection has det -1, a scaled matrix fails
 # R R^T = I) while accepting rotations that went through a few float32 products.
 ROTATION_TOLERANCE = 1e-3
+# The markup of the Qwen and Alpamayo special tokens (`<|im_end|>`, `<|cot_end|>`, ...).
+SPECIAL_TOKEN_MARKUP = re.compile(r"<\|[^<>|\s]*\|>")
 
 
 class ClipError(ValueError):
@@ -81,8 +89,8 @@ class Clip:
     (C, F, 3, H, W) uint8 array, or, when camera sizes differ, a tuple of C (F, 3, H_c, W_c) uint8
     arrays; `camera_frames[c][f]` is a (3, H_c, W_c) frame either way. Cameras are in the
     canonical order (`CAMERA_NAMES`, of which `camera_names` is then a subsequence).
-    `ego_future_xyz` / `ego_future_rot` are both None in a clip without ground truth. Arrays are
-    read-only.
+    `ego_future_xyz` / `ego_future_rot` are both None in a clip without ground truth; `cot`, the
+    Chain-of-Causation text a training clip may carry, is None without one. Arrays are read-only.
     """
 
     camera_frames: np.ndarray | tuple[np.ndarray, ...] = dataclasses.field(repr=False)
@@ -92,6 +100,7 @@ class Clip:
     camera_names: tuple[str, ...] | None = None  # (C,) in canonical order
     ego_future_xyz: np.ndarray | None = dataclasses.field(default=None, repr=False)  # (N, 3) float32
     ego_future_rot: np.ndarray | None = dataclasses.field(default=None, repr=False)  # (N, 3, 3) float32
+    cot: str | None = None  # Chain-of-Causation text (training), plain text
 
     @property
     def has_ground_truth(self) -> bool:
@@ -109,6 +118,7 @@ class Clip:
         camera_names=None,
         ego_future_xyz=None,
         ego_future_rot=None,
+        cot: str | None = None,
         num_cameras: int | None = 4,
         num_frames: int | None = 4,
         num_history: int | None = 16,
@@ -119,7 +129,7 @@ class Clip:
         `camera_frames` is a 5-D uint8 array or nested sequences (cameras, then frames) of images,
         each (3, H, W) or (H, W, 3). Histories and futures of any real dtype are converted to
         float32; the future (`ego_future_xyz` and `ego_future_rot`, ground truth) is optional, both or
-        neither.
+        neither. `cot` (optional) is the clip's Chain-of-Causation text, a non-empty str.
         `camera_names`, one per camera, may be in any order: the cameras are put in the canonical
         order (the frames of the camera named X at X's position in `CAMERA_NAMES`) and the clip's
         `camera_names` are that order. The counts are checked as in `validate_clip`; errors index
@@ -133,6 +143,7 @@ class Clip:
             camera_names=None if camera_names is None else _names(camera_names),
             ego_future_xyz=_optional_real_array("ego_future_xyz", ego_future_xyz, np.float32),
             ego_future_rot=_optional_real_array("ego_future_rot", ego_future_rot, np.float32),
+            cot=cot,
         )
         _validate(clip, num_cameras, num_frames, num_history, num_future, canonical_order=False)
         return _in_canonical_order(clip)
@@ -158,7 +169,8 @@ def validate_clip(
     a ground-truth future given in full (both arrays or neither) and checked like the history:
     (N, 3) positions and (N, 3, 3) rotations, finite, proper rotations, and no step faster than
     `MAX_SPEED`, counting the step from the last history pose to the first future pose.
-    `num_future` only applies to a clip with ground truth.
+    `num_future` only applies to a clip with ground truth. A `cot` is a non-empty str without
+    special-token markup (`SPECIAL_TOKEN_MARKUP`).
     """
     _validate(clip, num_cameras, num_frames, num_history, num_future, canonical_order=True)
 
@@ -268,6 +280,22 @@ def _validate(
 
     if clip.timestamps is not None:
         _check_timestamps(_array_field("timestamps", clip.timestamps), len(cameras[0]))
+    if clip.cot is not None:
+        check_cot_text(clip.cot)
+
+
+def check_cot_text(cot) -> None:
+    """Raises `ClipError` unless `cot` is Chain-of-Causation text: a str with something besides
+    white space and no special-token markup `<|...|>` (which the tokenizer would read as control
+    tokens, e.g. `<|cot_end|>` ending the reasoning early)."""
+    if not isinstance(cot, str):
+        raise ClipError(f"cot: expected the Chain-of-Causation text as a str, got {type(cot).__name__}")
+    if not cot.strip():
+        raise ClipError("cot: empty Chain-of-Causation text; leave cot out (None) for a clip without one")
+    markup = sorted(set(SPECIAL_TOKEN_MARKUP.findall(cot)))
+    if markup:
+        raise ClipError(f"cot: contains special-token markup {markup}; Chain-of-Causation text is plain text "
+                        "(the prompt adds <|cot_start|> and <|cot_end|> around it)")
 
 
 def _check_camera_names(names, num_cameras: int, *, canonical_order: bool) -> None:

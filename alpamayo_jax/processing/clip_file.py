@@ -22,6 +22,9 @@ A clip file is an `.npz` archive (read with `allow_pickle=False`; compressed or 
   ego_future_rot      float32     (N, 3, 3)                           optional, with ego_future_xyz;
                                                                       ground truth: rotation
                                                                       matrices, t0 ego frame
+  cot                 str (<U..)  ()                                  optional; Chain-of-Causation
+                                                                      text for training (plain
+                                                                      text, `processing.clip`)
 
 Other keys are rejected. An image axis of size 3 in front of H means channels-first, even when the
 last axis is 3 too (the rule of `processing.image.to_channels_first`). Without `camera_names` the
@@ -45,7 +48,7 @@ from alpamayo_jax.processing.clip import Clip, ClipError, validate_clip
 
 _REQUIRED_KEYS = ("ego_history_xyz", "ego_history_rot")
 _FUTURE_KEYS = ("ego_future_xyz", "ego_future_rot")  # the ground truth: both or neither
-_OPTIONAL_KEYS = ("timestamps", "camera_names", *_FUTURE_KEYS)
+_OPTIONAL_KEYS = ("timestamps", "camera_names", *_FUTURE_KEYS, "cot")
 _PER_CAMERA_KEY = re.compile(r"camera_frames_(0|[1-9][0-9]*)")
 
 
@@ -67,6 +70,8 @@ def save_clip(path: str | os.PathLike, clip: Clip) -> None:
     if clip.has_ground_truth:
         arrays["ego_future_xyz"] = clip.ego_future_xyz
         arrays["ego_future_rot"] = clip.ego_future_rot
+    if clip.cot is not None:
+        arrays["cot"] = np.asarray(clip.cot, dtype=str)  # a 0-d unicode array: no pickle needed
     write_atomically(path, lambda file: np.savez(file, **arrays))
 
 
@@ -149,6 +154,13 @@ def _clip_from_archive(path: Path, archive, num_cameras, num_frames, num_history
                 f"{path}: camera_names: expected a 1-D str array, got dtype {names.dtype} shape {names.shape}"
             )
         names = names.tolist()
+    cot = None
+    if "cot" in keys:
+        cot = read("cot")
+        if cot.dtype.kind != "U" or cot.ndim != 0:
+            raise ClipError(f"{path}: cot: expected a 0-d str array (np.asarray(text)), got dtype {cot.dtype} "
+                            f"shape {cot.shape}")
+        cot = str(cot[()])
     xyz, rot = read("ego_history_xyz"), read("ego_history_rot")
     timestamps = read("timestamps") if "timestamps" in keys else None
     future_xyz, future_rot = (read(k) for k in _FUTURE_KEYS) if future else (None, None)
@@ -161,6 +173,7 @@ def _clip_from_archive(path: Path, archive, num_cameras, num_frames, num_history
             camera_names=names,
             ego_future_xyz=future_xyz,
             ego_future_rot=future_rot,
+            cot=cot,
             num_cameras=num_cameras,
             num_frames=num_frames,
             num_history=num_history,

@@ -4,7 +4,8 @@ Does what the reference's training processor and collate (`collate_fn_from_model
 `padding_side='left'`) and the fusion step of its training models do:
 
 1. per clip, the training prompt (`training_prompt.encode_training_prompt`): ids with history and
-   future placeholders, pixels from the float path, image grid;
+   future placeholders (and the clip's Chain-of-Causation text, if it has one), pixels from the
+   float path, image grid;
 2. the prompts are left-padded to the longest with the tokenizer's pad token (`<|endoftext|>`
    for Qwen), `attention_mask` false on the padding; pixel rows and image grids are concatenated
    in clip order;
@@ -15,7 +16,8 @@ Does what the reference's training processor and collate (`collate_fn_from_model
 
 The batch keeps the future placeholders in its prompt (`inputs`): that is what stage 2 (the
 expert, VLM frozen) feeds the VLM, whose cache it crops at `last_future_start` before them.
-Stage 1 (the VLM) trains on `TrainingBatch.fused_input_ids()` with `TrainingBatch.labels()`.
+Stage 1 (the VLM) trains on `TrainingBatch.fused_inputs()` (the same inputs with the future
+tokens fused: `fused_input_ids()`) with `TrainingBatch.labels()`.
 
 Shapes: B clips, L padded prompt length, P pixel rows of all images, F = 2 W future tokens (128),
 W future waypoints (64).
@@ -73,6 +75,11 @@ class TrainingBatch:
             self.inputs.input_ids, self.future_token_ids, placeholder_id=self.future_placeholder_id
         )
 
+    def fused_inputs(self) -> ModelInputs:
+        """Stage 1's VLM input: `inputs` with `fused_input_ids()`. The positions stay: the
+        multimodal rotary positions depend on the image tokens and the padding only."""
+        return self.inputs.replace(input_ids=self.fused_input_ids().astype(self.inputs.input_ids.dtype))
+
     def labels(self) -> np.ndarray:  # (B, L) int32
         """Stage 1's labels: the fused ids where `labels_mask`, `IGNORE_INDEX` (-100) elsewhere.
         Unshifted: the logits at position i predict labels[:, i + 1]."""
@@ -128,7 +135,8 @@ def collate(
         try:
             encoded.append(
                 encode_training_prompt(
-                    clip.camera_frames, tokenizer=tokenizer, chat_template=chat_template, config=config
+                    clip.camera_frames, tokenizer=tokenizer, chat_template=chat_template, config=config,
+                    cot=clip.cot,
                 )
             )
         except ValueError as error:  # PromptError and the image checks

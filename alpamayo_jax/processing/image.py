@@ -1,31 +1,50 @@
-"""Image preprocessing for the Qwen3-VL vision tower, on the host (numpy only).
+"""Image preprocessing for the Qwen3-VL vision tower: raw uint8 RGB frames in, patch rows out.
 
 Reproduces what `Qwen2VLImageProcessorFast` does to uint8 RGB images on CPU:
 
 1. `smart_resize` picks an output size divisible by patch_size * spatial_merge_size within the
-   pixel budget;
+   pixel budget (on the host);
 2. the image is resized with torchvision's antialiased bicubic filter. For uint8 tensors on CPU
-   torchvision hands the tensor to PyTorch's native uint8 kernel, which `resize_bicubic_aa`
-   re-implements bit for bit: PIL's antialiased Keys cubic (a = -0.5) with weights quantised to
-   int16, a width pass then a height pass, each rounded and clamped to uint8;
+   torchvision hands the tensor to PyTorch's native uint8 kernel, which the resize here
+   reproduces bit for bit: PIL's antialiased Keys cubic (a = -0.5) with weights quantised to
+   int16, a width pass then a height pass, each accumulated in int32, rounded and clamped to uint8;
 3. values are mapped to float32 as (u8 - mean * 255) / (std * 255);
 4. the single frame is repeated to temporal_patch_size frames and cut into patches.
 
 The reference's training processor takes another route (`float_resize=True`): it scales the
 uint8 frames to float32 x / 255 first and calls the processor with `do_rescale=False`, so the
-resize runs PyTorch's float kernel (`resize_bicubic_aa_float`: the same taps with float32
-weights, no rounding or clamping) and the normalisation is (x - mean) / std.
+resize runs PyTorch's float kernel (the same taps with float32 weights, no rounding or
+clamping) and the normalisation is (x - mean) / std.
+
+Where the work happens. Steps 2-4 run on the default JAX device, fed the raw uint8 frames, as
+three jitted programs called one after the other (the width pass; the height pass; normalisation
+and patches: one program each, see `_width_program`); all frames of one size and layout (every
+camera of a rig, usually) go through them together, in one call each. Only the filter taps are
+made on the host, by numpy: per axis an (out, K) table of source indices and weights, K the taps
+of the widest output pixel, so O(out * K) host work whatever the input size. Each pass gathers
+its K taps per output pixel along one axis. The uint8 path multiplies them by the int16 weights
+and sums in int32, the reference's own integer arithmetic, exact on every backend; the float
+path sums tap by tap in float32 in the reference's order, each product and sum rounded. The
+uint8-to-float maps are lookups in tables numpy made, never divisions on the device.
+
+Compilation. The programs are specialised to the number of frames, their size and layout
+(channels first or last) and the output size, which `smart_resize` fixes from the input size:
+a rig of fixed cameras compiles each once per resolution, on its first call (`jax.jit`'s cache).
 
 Shapes: C channels (3), H x W input pixels, h x w resized pixels, T temporal_patch_size,
-P patch_size, m spatial_merge_size, N images, S = sum over images of (h / P) * (w / P) patches.
+P patch_size, m spatial_merge_size, N images, n frames of one size in one program,
+S = sum over images of (h / P) * (w / P) patches, K taps of one axis.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import einops
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from alpamayo_jax.config import VisionConfig
@@ -74,7 +93,7 @@ def smart_resize(
 
 
 # ---------------------------------------------------------------------------------------------
-# Antialiased bicubic resize of uint8 images (PyTorch's CPU uint8 kernel)
+# Filter taps of one axis (host, numpy: O(out * K))
 # ---------------------------------------------------------------------------------------------
 
 
@@ -141,10 +160,11 @@ def _filter_weights(in_size: int, out_size: int, dtype) -> tuple[np.ndarray, np.
     return source, weights
 
 
-def _resample_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, int]:
-    """Fixed-point filter taps of one axis (PyTorch's uint8 kernel): source indices (out, K),
-    int16-range weights (out, K) and their precision in bits. Weights beyond a row's support are
-    0 (their index is clamped)."""
+@functools.lru_cache(maxsize=64)
+def _fixed_point_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Fixed-point filter taps of one axis (PyTorch's uint8 kernel): source indices (out, K)
+    clamped to the input, int16-range weights (out, K) as int32 and their precision in bits.
+    Weights beyond a row's support are 0."""
     source, weights = _filter_weights(in_size, out_size, np.float64)
     wt_max = float(weights.max(initial=0.0))
 
@@ -153,86 +173,106 @@ def _resample_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray,
     while precision < 22 and int(0.5 + wt_max * (1 << (precision + 1))) < (1 << 15):
         precision += 1
     scaled = weights * (1 << precision)
-    fixed = np.where(scaled < 0, np.trunc(scaled - 0.5), np.trunc(scaled + 0.5)).astype(np.int64)
-    return np.minimum(source, in_size - 1), fixed, precision
+    fixed = np.where(scaled < 0, np.trunc(scaled - 0.5), np.trunc(scaled + 0.5)).astype(np.int32)
+    used = _used_taps(fixed)
+    return np.minimum(source[:, :used], in_size - 1).astype(np.int32), fixed[:, :used], precision
 
 
-def _resample_axis(x: np.ndarray, out_size: int, axis: int) -> np.ndarray:
-    """Resamples uint8 `x` along `axis` to `out_size` samples (uint8)."""
-    source, weights, precision = _resample_taps(x.shape[axis], out_size)
-    weight_shape = [1] * x.ndim
-    weight_shape[axis] = out_size
-    out_shape = list(x.shape)
-    out_shape[axis] = out_size
-    # int32 accumulation, as in the reference; the initial value is the +0.5 of the rounding.
-    acc = np.full(out_shape, 1 << (precision - 1), dtype=np.int32)
-    for k in range(source.shape[1]):
-        tap = weights[:, k].astype(np.int32).reshape(weight_shape)
-        acc += np.take(x, source[:, k], axis=axis).astype(np.int32) * tap
-    return np.clip(acc >> precision, 0, 255).astype(np.uint8)
+@functools.lru_cache(maxsize=64)
+def _float_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Float32 filter taps of one axis (PyTorch's float kernel): source indices (out, K) clamped
+    to the input and float32 weights (out, K), 0 beyond a row's support."""
+    source, weights = _filter_weights(in_size, out_size, np.float32)
+    used = _used_taps(weights)
+    return np.minimum(source[:, :used], in_size - 1).astype(np.int32), weights[:, :used]
 
 
-def resize_bicubic_aa(image: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Antialiased bicubic resize of a (C, H, W) uint8 image to (C, height, width) uint8.
-
-    Bit-exact with `torch.nn.functional.interpolate(..., mode="bicubic", antialias=True)` on
-    uint8 CPU tensors, which is what torchvision's `resize` runs for uint8 bicubic on CPU.
-    """
-    if image.dtype != np.uint8 or image.ndim != 3:
-        raise ValueError(f"expected a (C, H, W) uint8 image, got {image.dtype} {image.shape}")
-    if height <= 0 or width <= 0:
-        raise ValueError(f"output size must be positive, got {height}x{width}")
-    # With uint8 rounding between the two passes.
-    return _separable_resize(image, height, width, _resample_axis)
-
-
-def _separable_resize(image: np.ndarray, height: int, width: int, resample) -> np.ndarray:
-    """Width pass, then height pass (`resample(x, out_size, axis)`); an unchanged axis is not filtered."""
-    out = image
-    if width != image.shape[2]:
-        out = resample(out, width, axis=2)
-    if height != image.shape[1]:
-        out = resample(out, height, axis=1)
-    return out
-
-
-def _resample_axis_float(x: np.ndarray, out_size: int, axis: int) -> np.ndarray:
-    """Resamples float32 `x` along `axis` to `out_size` samples (float32, no clamping)."""
-    source, weights = _filter_weights(x.shape[axis], out_size, np.float32)
-    source = np.minimum(source, x.shape[axis] - 1)
-    weight_shape = [1] * x.ndim
-    weight_shape[axis] = out_size
-    # Tap by tap, in order, as the reference accumulates (taps past a row's support weigh 0).
-    acc = np.take(x, source[:, 0], axis=axis) * weights[:, 0].reshape(weight_shape)
-    for k in range(1, source.shape[1]):
-        acc = acc + np.take(x, source[:, k], axis=axis) * weights[:, k].reshape(weight_shape)
-    return acc
-
-
-def resize_bicubic_aa_float(image: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Antialiased bicubic resize of a (C, H, W) float32 image to (C, height, width) float32.
-
-    What `torch.nn.functional.interpolate(..., mode="bicubic", antialias=True)` (torchvision's
-    `resize` of a float tensor) computes on CPU: the filter of `resize_bicubic_aa` with float32
-    weights, a width pass then a height pass, and neither rounding nor clamping, so the cubic's
-    overshoot can leave [0, 1]. The weights are PyTorch's bit for bit on x86 (fused multiply-adds
-    in the filter polynomial); the sums agree to a float32 ulp or two, as PyTorch's compiled
-    kernels fuse some of their multiply-adds and not others.
-    """
-    if image.dtype != np.float32 or image.ndim != 3:
-        raise ValueError(f"expected a (C, H, W) float32 image, got {image.dtype} {image.shape}")
-    if height <= 0 or width <= 0:
-        raise ValueError(f"output size must be positive, got {height}x{width}")
-    return _separable_resize(image, height, width, _resample_axis_float)
+def _used_taps(weights: np.ndarray) -> int:
+    """Taps up to the last one that weighs something in some row: the tap count is sized for the
+    widest support, which no row may reach, and every gathered tap costs a pass over the output."""
+    nonzero = np.flatnonzero(np.any(weights != 0, axis=0))
+    return int(nonzero[-1]) + 1 if nonzero.size else 1
 
 
 # ---------------------------------------------------------------------------------------------
-# Input checking
+# Resampling passes (traced JAX)
+# ---------------------------------------------------------------------------------------------
+
+
+def _gather_taps(x: jax.Array, source: np.ndarray, axis: int):
+    """Yields, tap by tap, x sampled along `axis` at source[:, k] (the axis becomes out long),
+    with the matching broadcast shape for that tap's weights."""
+    weight_shape = [1] * x.ndim
+    weight_shape[axis] = source.shape[0]
+    for k in range(source.shape[1]):
+        yield k, jnp.take(x, source[:, k], axis=axis, mode="clip", indices_are_sorted=True), weight_shape
+
+
+def _resample_fixed_point(x: jax.Array, out_size: int, axis: int) -> jax.Array:
+    """uint8 `x` resampled along `axis` to `out_size` samples (uint8): PyTorch's uint8 kernel,
+    int16 weights accumulated in int32 from the +0.5 of the rounding, shifted and clamped."""
+    source, weights, precision = _fixed_point_taps(x.shape[axis], out_size)
+    acc = None
+    for k, tap, shape in _gather_taps(x, source, axis):
+        term = tap.astype(jnp.int32) * weights[:, k].reshape(shape)
+        acc = term + (1 << (precision - 1)) if acc is None else acc + term
+    return jnp.clip(acc >> precision, 0, 255).astype(jnp.uint8)
+
+
+def _resample_float(
+    x: jax.Array, out_size: int, axis: int, prepare: Callable[[jax.Array], jax.Array], zero: jax.Array
+) -> jax.Array:
+    """`x` resampled along `axis` to `out_size` samples in float32 (no clamping): each tap is
+    `prepare(sample)` (float32) times its weight, summed tap by tap in order as the reference
+    accumulates (taps past a row's support weigh 0). Gathering before `prepare` lets a uint8
+    input be scaled on the fly instead of as a float32 copy of the whole frame.
+
+    `zero` is a traced 0.0: XLA's CPU backend (and LLVM-based GPU backends) contract a multiply
+    feeding an add into one fused multiply-add, which skips the rounding of the product. Adding a
+    zero the compiler cannot see through makes that fma(sample, weight, 0), the rounded product,
+    so each step rounds the product and then the sum, as the reference does.
+    """
+    source, weights = _float_taps(x.shape[axis], out_size)
+    acc = None
+    for k, tap, shape in _gather_taps(x, source, axis):
+        term = prepare(tap) * weights[:, k].reshape(shape) + zero
+        acc = term if acc is None else acc + term
+    return acc
+
+
+def _identity(x: jax.Array) -> jax.Array:
+    return x
+
+
+def _resample(
+    x: jax.Array,
+    out_size: int,
+    axis: int,
+    *,
+    float_resize: bool,
+    prepare: Callable[[jax.Array], jax.Array] = _identity,
+    zero: jax.Array | None = None,
+) -> jax.Array:
+    """One pass of the antialiased bicubic resize along `axis`; an unchanged axis is not filtered.
+
+    uint8 path (`float_resize=False`): uint8 in, uint8 out, rounded and clamped. Float path:
+    `prepare` maps the input's samples to float32 (the identity for float32 input) and the output
+    is float32, neither rounded nor clamped; `zero` is a traced 0.0 (`_resample_float`).
+    """
+    if x.shape[axis] == out_size:
+        return prepare(x) if float_resize else x
+    if float_resize:
+        return _resample_float(x, out_size, axis, prepare, zero)
+    return _resample_fixed_point(x, out_size, axis)
+
+
+# ---------------------------------------------------------------------------------------------
+# Input checking (host)
 # ---------------------------------------------------------------------------------------------
 
 
 def to_channels_first(image, *, name: str = "image") -> np.ndarray:
-    """Checks one RGB uint8 image and returns it as (3, H, W).
+    """Checks one RGB uint8 image and returns it as (3, H, W) (a view where it can).
 
     Accepts (3, H, W) or (H, W, 3). A leading axis of size 3 means channels-first, even when the
     last axis is 3 too (a (3, H, 3) image is read as 3 channels of H x 3 pixels), which is the rule
@@ -282,55 +322,232 @@ def flatten_camera_frames(frames) -> list[np.ndarray]:
     return images
 
 
+def _device_layout(chw: np.ndarray) -> tuple[np.ndarray, bool]:
+    """The array to send for a (3, H, W) image and whether it is channels-last: a view of an
+    (H, W, 3) image goes as that image (the programs read either layout) rather than as a
+    channels-first host copy."""
+    if chw.flags.c_contiguous:
+        return chw, False
+    hwc = chw.transpose(1, 2, 0)
+    if hwc.flags.c_contiguous:
+        return hwc, True
+    return np.ascontiguousarray(chw), False
+
+
+def _batch(arrays: list[np.ndarray]) -> np.ndarray | tuple[np.ndarray, ...]:
+    """n frames of one shape as one (n, ...) array when they are consecutive views of one
+    contiguous array (the frames of a 5-D camera array), so that they travel without a host copy;
+    otherwise as a tuple, stacked by the program."""
+    base = arrays[0].base
+    stride = arrays[0].nbytes
+    if (
+        isinstance(base, np.ndarray)
+        and base.flags.c_contiguous
+        and base.nbytes == stride * len(arrays)
+        and all(a.base is base and a.flags.c_contiguous for a in arrays)
+        and all(a.ctypes.data == base.ctypes.data + i * stride for i, a in enumerate(arrays))
+    ):
+        return base.reshape((len(arrays), *arrays[0].shape))
+    return tuple(arrays)
+
+
 # ---------------------------------------------------------------------------------------------
-# Normalisation and patches
+# Normalisation and patches (traced JAX)
 # ---------------------------------------------------------------------------------------------
 
 
-def normalize(
-    image: np.ndarray, *, mean: Sequence[float] = IMAGE_MEAN, std: Sequence[float] = IMAGE_STD
-) -> np.ndarray:
-    """(C, h, w) uint8 -> (C, h, w) float32 (u8 - mean * 255) / (std * 255); or, for a float32
-    image already scaled to [0, 1] (the processor's `do_rescale=False`), (x - mean) / std.
-
-    For uint8 the reference folds the 1/255 rescale into mean and std (float32 mean * 255 and
-    std * 255) and then subtracts and divides in float32; doing the same gives bit-identical
-    values. A float32 image is normalised as it is, subtraction then division in float32.
-    """
-    if image.dtype == np.float32:
-        mean32, std32 = (np.asarray(v, np.float32)[:, None, None] for v in (mean, std))
-        return (image - mean32) / std32
-    if image.dtype != np.uint8:
-        raise ValueError(f"expected a uint8 or float32 image, got {image.dtype}")
-    inverse_rescale = np.float32(1.0 / RESCALE_FACTOR)
-    mean255 = (np.asarray(mean, np.float32) * inverse_rescale)[:, None, None]
-    std255 = (np.asarray(std, np.float32) * inverse_rescale)[:, None, None]
-    return (image.astype(np.float32) - mean255) / std255
+def _patch_rows(pixels: jax.Array, patch_size: int, merge_size: int, temporal: int, channels_last: bool):
+    """(n, C, h, w) (or (n, h, w, C)) float32 -> (n * h/P * w/P, C * T * P * P) patch rows."""
+    layout = "n (br mr py) (bc mc px) c" if channels_last else "n c (br mr py) (bc mc px)"
+    # block rows/columns (br, bc), patch rows/columns inside a block (mr, mc), pixels in a patch (py, px)
+    blocks = einops.rearrange(
+        pixels, f"{layout} -> (n br bc mr mc) c py px", mr=merge_size, mc=merge_size, py=patch_size, px=patch_size
+    )
+    # The T copies as a concatenation: XLA's CPU backend writes that about twice as fast as a
+    # broadcast along the same axis.
+    clip = jnp.concatenate([blocks[:, :, None]] * temporal, axis=2)
+    return clip.reshape(blocks.shape[0], -1)
 
 
-def patchify(pixels: np.ndarray, vision: VisionConfig) -> np.ndarray:
+def patchify(pixels, vision: VisionConfig) -> jax.Array:
     """(C, h, w) float32 -> (h/P * w/P, C * T * P * P) rows for the vision tower's patch embedding.
 
     The frame is repeated T times (an image is a clip of identical frames). Rows go over
     m x m merge blocks in row-major order, the m * m patches of a block consecutive (row-major);
     each row is laid out [C][T][py][px].
     """
-    c, h, w = pixels.shape
+    pixels = jnp.asarray(pixels)
+    _, h, w = pixels.shape
     p, m, t = vision.patch_size, vision.spatial_merge_size, vision.temporal_patch_size
     if h % (p * m) or w % (p * m):
         raise ValueError(f"image size {h}x{w} is not a multiple of patch_size * merge_size = {p * m}")
-    clip = np.broadcast_to(pixels[None], (t, c, h, w))
-    # block rows/columns (br, bc), patch rows/columns inside a block (mr, mc), pixels in a patch (py, px)
-    return einops.rearrange(clip, "t c (br mr py) (bc mc px) -> (br bc mr mc) (c t py px)", mr=m, mc=m, py=p, px=p)
+    return _patch_rows(pixels[None], p, m, t, channels_last=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# The programs: width pass, height pass, normalisation + patches (each jitted)
+# ---------------------------------------------------------------------------------------------
+# One program per step: compiled together, XLA fuses each step into the next one's gathers or
+# transposes (recomputing the width pass once per height tap, the height pass once per copy of
+# a patch) or lays the intermediate out column-major, all slower on CPU than materialising it.
+# A program boundary materialises it, row-major.
+
+
+@functools.partial(jax.jit, static_argnames=("width", "float_resize", "channels_last"))
+def _width_program(
+    frames: jax.Array | tuple[jax.Array, ...],  # (n, 3, H, W) or n x (3, H, W); channels_last: (H, W, 3)
+    levels: jax.Array | None,  # float path on uint8 frames: (256,) float32 value of each level
+    zero: jax.Array,  # () float32 0.0 (`_resample_float`)
+    *,
+    width: int,
+    float_resize: bool,
+    channels_last: bool,
+) -> jax.Array:  # (n, 3, H, width) or (n, H, width, 3): uint8, float32 on the float path
+    """Stacks n frames of one size (a tuple) and resamples their width (`_resample`)."""
+    prepare = _identity if levels is None else (lambda v: levels[v.astype(jnp.int32)])
+    x = jnp.stack(frames) if isinstance(frames, tuple) else frames
+    return _resample(x, width, 2 if channels_last else 3, float_resize=float_resize, prepare=prepare, zero=zero)
+
+
+@functools.partial(jax.jit, static_argnames=("height", "float_resize", "channels_last"))
+def _height_program(
+    x: jax.Array,  # the output of `_width_program`
+    zero: jax.Array,  # () float32 0.0 (`_resample_float`)
+    *,
+    height: int,
+    float_resize: bool,
+    channels_last: bool,
+) -> jax.Array:  # (n, 3, height, w) or (n, height, w, 3)
+    """Resamples the height of `_width_program`'s output (`_resample`)."""
+    return _resample(x, height, 1 if channels_last else 2, float_resize=float_resize, zero=zero)
+
+
+@functools.partial(
+    jax.jit, static_argnames=("float_resize", "channels_last", "patch_size", "merge_size", "temporal")
+)
+def _patch_program(
+    x: jax.Array,  # (n, 3, h, w) or (n, h, w, 3) resized frames: uint8, float32 on the float path
+    levels: jax.Array,  # uint8 path: (3, 256) float32 normalised value per channel and level
+    mean: jax.Array,  # float path: (3,) float32
+    inverse_std: jax.Array,  # float path: (3,) float32
+    *,
+    float_resize: bool,
+    channels_last: bool,
+    patch_size: int,
+    merge_size: int,
+    temporal: int,
+) -> jax.Array:  # (n * h/P * w/P, 3 * T * P * P) float32
+    """Normalises resized frames and cuts them into patch rows (`_normalization_tables`,
+    `_patch_rows`).
+
+    Every uint8-to-float map is a lookup in a table the host made with numpy: XLA turns a
+    division by a constant, or by any scalar, into a multiplication by its rounded reciprocal,
+    which is not the reference's float32 division.
+    """
+    channel_shape = (1, 1, 1, 3) if channels_last else (1, 3, 1, 1)
+    if float_resize:
+        pixels = (x - mean.reshape(channel_shape)) * inverse_std.reshape(channel_shape)
+    else:
+        pixels = levels[jnp.arange(3).reshape(channel_shape), x.astype(jnp.int32)]
+    return _patch_rows(pixels, patch_size, merge_size, temporal, channels_last)
+
+
+def _normalization_tables(
+    float_resize: bool, mean: Sequence[float] = IMAGE_MEAN, std: Sequence[float] = IMAGE_STD
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(width_levels, levels, mean, inverse_std) float32 for the programs.
+
+    uint8 path: the reference folds the 1/255 rescale into mean and std (float32 mean * 255 and
+    std * 255) and then subtracts and divides in float32; `levels[c, u]` holds that value of
+    level u in channel c. Float path: `width_levels[u]` = float32 u / 255, the value the resize
+    starts from, and the resized values are normalised as (x - mean) * (1 / std), which is the
+    division by std exactly because std is a power of two (0.5).
+    """
+    mean32, std32 = np.asarray(mean, np.float32), np.asarray(std, np.float32)
+    inverse_rescale = np.float32(1.0 / RESCALE_FACTOR)
+    level = np.arange(256, dtype=np.float32)
+    if float_resize and np.any(np.frexp(std32)[0] != 0.5):
+        raise ValueError(f"the float path needs std values that are powers of two, got {tuple(std)}")
+    levels = (level[None] - (mean32 * inverse_rescale)[:, None]) / (std32 * inverse_rescale)[:, None]
+    return level / inverse_rescale, levels, mean32, np.float32(1.0) / std32
+
+
+_ZERO = np.float32(0.0)
+
+
+def _run_programs(
+    frames: np.ndarray | tuple[np.ndarray, ...],
+    size: tuple[int, int],
+    *,
+    float_resize: bool,
+    channels_last: bool = False,
+    vision: VisionConfig | None = None,
+) -> jax.Array:
+    """Frames of one size (uint8; float32 for the float path's own resize) -> their patch rows
+    (`vision` given) or the resized frames (n, ...)."""
+    width_levels, levels, mean, inverse_std = _normalization_tables(float_resize)
+    uint8_frames = frames[0].dtype == np.uint8  # the first frame, or the stack's
+    x = _width_program(
+        frames, width_levels if float_resize and uint8_frames else None, _ZERO, width=size[1],
+        float_resize=float_resize, channels_last=channels_last,
+    )
+    if x.shape[1 if channels_last else 2] != size[0]:
+        x = _height_program(x, _ZERO, height=size[0], float_resize=float_resize, channels_last=channels_last)
+    if vision is None:
+        return x
+    return _patch_program(
+        x, levels, mean, inverse_std, float_resize=float_resize, channels_last=channels_last,
+        patch_size=vision.patch_size, merge_size=vision.spatial_merge_size, temporal=vision.temporal_patch_size,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Public entry points
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_size(height: int, width: int) -> None:
+    if height <= 0 or width <= 0:
+        raise ValueError(f"output size must be positive, got {height}x{width}")
+
+
+def resize_bicubic_aa(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Antialiased bicubic resize of a (C, H, W) uint8 image to (C, height, width) uint8.
+
+    Bit-exact with `torch.nn.functional.interpolate(..., mode="bicubic", antialias=True)` on
+    uint8 CPU tensors, which is what torchvision's `resize` runs for uint8 bicubic on CPU.
+    """
+    if image.dtype != np.uint8 or image.ndim != 3:
+        raise ValueError(f"expected a (C, H, W) uint8 image, got {image.dtype} {image.shape}")
+    _check_size(height, width)
+    return np.asarray(_run_programs((image,), (height, width), float_resize=False)[0])
+
+
+def resize_bicubic_aa_float(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Antialiased bicubic resize of a (C, H, W) float32 image to (C, height, width) float32.
+
+    What `torch.nn.functional.interpolate(..., mode="bicubic", antialias=True)` (torchvision's
+    `resize` of a float tensor) computes on CPU: the filter of `resize_bicubic_aa` with float32
+    weights, a width pass then a height pass, and neither rounding nor clamping, so the cubic's
+    overshoot can leave [0, 1]. The weights are PyTorch's bit for bit on x86 (fused multiply-adds
+    in the filter polynomial); the sums agree to a float32 ulp or two, as PyTorch's compiled
+    kernels fuse some of their multiply-adds and not others.
+    """
+    if image.dtype != np.float32 or image.ndim != 3:
+        raise ValueError(f"expected a (C, H, W) float32 image, got {image.dtype} {image.shape}")
+    _check_size(height, width)
+    return np.asarray(_run_programs((image,), (height, width), float_resize=True)[0])
 
 
 def preprocess_images(
     images: Sequence, *, vision: VisionConfig, min_pixels: int, max_pixels: int, float_resize: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
-    """uint8 RGB images -> (pixel_values (S, C*T*P*P) float32, image_grid_thw (N, 3) int64).
+    """uint8 RGB images -> (pixel_values (S, C*T*P*P) float32, image_grid_thw (N, 3) int64),
+    both host (numpy) arrays; pixel_values may be a read-only view of the device result.
 
     Each image is (3, H, W) or (H, W, 3) (see `to_channels_first` for the ambiguous case); sizes
-    may differ between images. `image_grid_thw[i] = (1, h_i / P, w_i / P)` in patches.
+    may differ between images. `image_grid_thw[i] = (1, h_i / P, w_i / P)` in patches. Images of
+    one size and layout go through the programs together (see the module docstring).
 
     `float_resize=False` is the inference processor (uint8 resize, `resize_bicubic_aa`);
     `float_resize=True` the reference's training processor: the image becomes float32 u8 / 255
@@ -343,16 +560,26 @@ def preprocess_images(
     if not images:
         raise ValueError("no images given")
     factor = vision.patch_size * vision.spatial_merge_size
-    rows, grids = [], []
+    groups: dict[tuple[int, int, bool], list[int]] = {}
+    arrays, sizes = [], []
     for i, image in enumerate(images):
         chw = to_channels_first(image, name=f"image {i}")
-        height, width = smart_resize(
-            chw.shape[1], chw.shape[2], factor=factor, min_pixels=min_pixels, max_pixels=max_pixels
-        )
-        if float_resize:
-            resized = resize_bicubic_aa_float(chw.astype(np.float32) / np.float32(255.0), height, width)
-        else:
-            resized = resize_bicubic_aa(chw, height, width)
-        rows.append(patchify(normalize(resized), vision))
-        grids.append((1, height // vision.patch_size, width // vision.patch_size))
-    return np.concatenate(rows, axis=0), np.asarray(grids, dtype=np.int64)
+        sizes.append(smart_resize(chw.shape[1], chw.shape[2], factor=factor, min_pixels=min_pixels,
+                                  max_pixels=max_pixels))
+        array, channels_last = _device_layout(chw)
+        arrays.append(array)
+        groups.setdefault((chw.shape[1], chw.shape[2], channels_last), []).append(i)
+    grid = np.asarray([(1, h // vision.patch_size, w // vision.patch_size) for h, w in sizes], dtype=np.int64)
+
+    pieces: dict[int, np.ndarray] = {}
+    for (_, _, channels_last), members in groups.items():
+        rows = np.asarray(_run_programs(
+            _batch([arrays[i] for i in members]), sizes[members[0]], float_resize=float_resize,
+            channels_last=channels_last, vision=vision,
+        ))
+        if len(groups) == 1:
+            return rows, grid
+        per_image = len(rows) // len(members)
+        for j, i in enumerate(members):
+            pieces[i] = rows[j * per_image : (j + 1) * per_image]
+    return np.concatenate([pieces[i] for i in range(len(images))], axis=0), grid

@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import jax
 import numpy as np
 
 from alpamayo_jax.action.tokenizers import encode_history
@@ -111,6 +112,10 @@ def tokenize_prompt(
     return ids
 
 
+# One compiled program (per history length) rather than a dozen eager ops per clip.
+_encode_history = jax.jit(encode_history, static_argnames="cfg")
+
+
 def history_tokens(
     ego_history_xyz,  # (T, 3) positions in the t0 ego frame, oldest first
     ego_history_rot,  # (T, 3, 3) rotations (checked, not used by the history tokenizer)
@@ -133,7 +138,7 @@ def history_tokens(
         )
     if not np.all(np.isfinite(xyz)):
         raise PromptError("ego_history_xyz contains NaN or infinite values")
-    bins = np.asarray(encode_history(xyz.astype(np.float32), config.history_tokenizer)).astype(np.int64)
+    bins = np.asarray(_encode_history(xyz.astype(np.float32), config.history_tokenizer)).astype(np.int64)
     return bins.reshape(-1)
 
 

@@ -13,12 +13,11 @@ import numpy as np
 from alpamayo_jax.processing.clip import CAMERA_NAMES, FRAME_TIMESTAMPS, HISTORY_DT, Clip
 
 
-def _arc_poses(speed: float, curvature: float, steps, dt: float) -> tuple[np.ndarray, np.ndarray]:
-    """Poses of a car driving at constant `speed` (m/s, < 0 reversing) on a circle of signed
-    `curvature` (1/m, > 0 turns left) through the t0 pose (the origin, heading +x), at times
-    `steps` * `dt` relative to t0 (integer `steps`, < 0 the past): (S, 3) float32 positions and
-    (S, 3, 3) yaw-only rotations in the t0 frame."""
-    arc_length = speed * dt * np.asarray(steps, dtype=np.float64)  # signed distance from t0
+def arc_poses(arc_length, curvature: float) -> tuple[np.ndarray, np.ndarray]:
+    """Poses at signed distances `arc_length` (S,) metres (< 0 before t0) along a circle of signed
+    `curvature` (1/m, > 0 turns left) through the t0 pose (the origin, heading +x): (S, 3)
+    float32 positions and (S, 3, 3) yaw-only rotations in the t0 frame."""
+    arc_length = np.asarray(arc_length, dtype=np.float64)
     num_poses = len(arc_length)
     yaw = curvature * arc_length
     # sin(yaw)/k and (1 - cos(yaw))/k written with sinc, which stays exact as k -> 0 (a straight line).
@@ -29,6 +28,12 @@ def _arc_poses(speed: float, curvature: float, steps, dt: float) -> tuple[np.nda
     rot = np.zeros((num_poses, 3, 3))
     rot[:, 0, 0], rot[:, 0, 1], rot[:, 1, 0], rot[:, 1, 1], rot[:, 2, 2] = cos, -sin, sin, cos, 1.0
     return xyz.astype(np.float32), rot.astype(np.float32)
+
+
+def _arc_poses(speed: float, curvature: float, steps, dt: float) -> tuple[np.ndarray, np.ndarray]:
+    """`arc_poses` of a car driving at constant `speed` (m/s, < 0 reversing), at times `steps` *
+    `dt` relative to t0 (integer `steps`, < 0 the past)."""
+    return arc_poses(speed * dt * np.asarray(steps, dtype=np.float64), curvature)
 
 
 def arc_history(

@@ -13,13 +13,22 @@ This is the conversation the reference's fine-tuning recipe trains on (SPEC §16
   `<|traj_future_end|>`, closed by the template's end of turn (`<|im_end|>`): the whole turn
   is rendered (no generation prompt, no continued final message).
 
+A clip with Chain-of-Causation text (`Clip.cot`) gets the reference's `cot` component as well
+(components `image, traj_history, prompt, cot, traj_future`): the instruction names both outputs,
+"output the chain-of-thought reasoning of the driving process, then output the future
+trajectory." (the inference prompt's instruction), and the assistant turn starts with
+`<|cot_start|>` + the text + `<|cot_end|>` before the trajectory span. The text must be plain
+text (`check_cot`).
+
 Image tokens are expanded and the text tokenised by `prompt.tokenize_prompt`; the pixels come
 from the training processor's float path (`image.preprocess_images(float_resize=True)`). The
 history placeholders are filled by `model_inputs.assemble_inputs`, the future placeholders by
 the batch (`collate.TrainingBatch.fused_input_ids`) with `future_tokens`.
 
 `labels_mask` marks what the loss supervises: the span `<|traj_future_start|>` ...
-`<|traj_future_end|>` inclusive and the end-of-turn token of the assistant turn. The assistant
+`<|traj_future_end|>` inclusive, the span `<|cot_start|>` ... `<|cot_end|>` inclusive where a
+clip has one (the reference's `label_components` with `cot` listed), and the end-of-turn token
+of the assistant turn. The assistant
 turn is found by its header (the role's tokens right after `<|im_start|>`), which works for any
 vocabulary; the reference looks the role name up as a single token, which only works where the
 vocabulary has it as one (Qwen's does).
@@ -38,10 +47,18 @@ from alpamayo_jax.action.tokenizers import encode_future
 from alpamayo_jax.action.unicycle import ActionStats
 from alpamayo_jax.config import AlpamayoConfig
 from alpamayo_jax.processing.chat_template import PromptError, render_chat
+from alpamayo_jax.processing.clip import ClipError, check_cot_text
 from alpamayo_jax.processing.prompt import SYSTEM_PROMPT, encode_with_images
 from alpamayo_jax.processing.tokenizer import ExtendedTokenizer, special_token
 
-TRAINING_INSTRUCTION = "output the future trajectory."
+# What the user turn asks for, per assistant component, joined in the assistant's order.
+COMPONENT_INSTRUCTIONS = {
+    "cot": "output the chain-of-thought reasoning of the driving process",
+    "traj_future": "output the future trajectory",
+}
+# The assistant components whose `<|{name}_start|>` ... `<|{name}_end|>` spans are supervised.
+LABEL_COMPONENTS = ("cot", "traj_future")
+TRAINING_INSTRUCTION = COMPONENT_INSTRUCTIONS["traj_future"] + "."
 # Qwen chat-template turn delimiters: every turn is <|im_start|>{role}\n ... <|im_end|>.
 TURN_START = "<|im_start|>"
 TURN_END = "<|im_end|>"
@@ -54,24 +71,37 @@ def _placeholder_span(name: str, count: int) -> str:
     return special_token(f"{name}_start") + special_token(name) * count + special_token(f"{name}_end")
 
 
+def instruction(components: tuple[str, ...]) -> str:
+    """The user's request for these assistant components, e.g. ("cot", "traj_future") ->
+    "output the chain-of-thought reasoning of the driving process, then output the future
+    trajectory."."""
+    return ", then ".join(COMPONENT_INSTRUCTIONS[c] for c in components) + "."
+
+
 def training_messages(
-    num_images: int, *, num_history_tokens: int, num_future_tokens: int
+    num_images: int, *, num_history_tokens: int, num_future_tokens: int, cot: str | None = None
 ) -> list[dict[str, Any]]:
     """The reference's training chat messages for `num_images` images (camera-major order),
-    `num_history_tokens` history and `num_future_tokens` future placeholders. Image items carry a
-    name instead of pixels: chat templates only test for their presence."""
+    `num_history_tokens` history and `num_future_tokens` future placeholders, and with `cot` the
+    Chain-of-Causation text before the trajectory. Image items carry a name instead of pixels:
+    chat templates only test for their presence."""
     if num_images < 1:
         raise PromptError(f"the prompt needs at least one image, got {num_images}")
     for name, count in (("num_history_tokens", num_history_tokens), ("num_future_tokens", num_future_tokens)):
         if count < 1:
             raise PromptError(f"{name} must be >= 1, got {count}")
+    components = ("traj_future",) if cot is None else ("cot", "traj_future")
     images = [{"type": "image", "image": f"image_{i}"} for i in range(num_images)]
     user = [
         *images,
         {"type": "text", "text": _placeholder_span("traj_history", num_history_tokens)},
-        {"type": "text", "text": TRAINING_INSTRUCTION},
+        {"type": "text", "text": instruction(components)},
     ]
     assistant = [{"type": "text", "text": _placeholder_span("traj_future", num_future_tokens)}]
+    if cot is not None:
+        check_cot_text(cot)
+        cot_span = special_token("cot_start") + cot + special_token("cot_end")
+        assistant.insert(0, {"type": "text", "text": cot_span})
     return [
         {"role": "system", "content": [{"type": "text", "text": SYSTEM_PROMPT}]},
         {"role": "user", "content": user},
@@ -86,12 +116,14 @@ def render_training_prompt(
     chat_template: str,
     num_history_tokens: int,
     num_future_tokens: int,
+    cot: str | None = None,
 ) -> str:
     """The training prompt text before image-token expansion (one `<|image_pad|>` per image):
     all three turns, the assistant's closed by its end-of-turn token."""
     return render_chat(
         training_messages(
-            num_images, num_history_tokens=num_history_tokens, num_future_tokens=num_future_tokens
+            num_images, num_history_tokens=num_history_tokens, num_future_tokens=num_future_tokens,
+            cot=cot,
         ),
         chat_template,
         add_generation_prompt=False,
@@ -119,16 +151,34 @@ def encode_training_prompt(
     tokenizer: ExtendedTokenizer,
     chat_template: str,
     config: AlpamayoConfig,
+    cot: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One clip's training prompt before any placeholder is filled, as the reference's training
     processor makes it: ids (L,) int64 with history and future placeholders, pixel_values
-    (S, C*T*P*P) float32 (float path) and image_grid_thw (N, 3) int64."""
+    (S, C*T*P*P) float32 (float path) and image_grid_thw (N, 3) int64. With `cot`, the
+    Chain-of-Causation text goes before the trajectory (checked by `check_cot`)."""
+    if cot is not None:
+        check_cot(cot, tokenizer)
+
     def render(num_images: int) -> str:
         return render_training_prompt(num_images, tokenizer=tokenizer, chat_template=chat_template,
                                       num_history_tokens=config.tokens_per_history_traj,
-                                      num_future_tokens=check_future_token_count(config))
+                                      num_future_tokens=check_future_token_count(config), cot=cot)
 
     return encode_with_images(camera_frames, render, tokenizer=tokenizer, config=config, float_resize=True)
+
+
+def check_cot(cot: str, tokenizer: ExtendedTokenizer) -> None:
+    """Raises `ClipError` unless `cot` is plain Chain-of-Causation text for this tokenizer: what
+    `processing.clip.check_cot_text` checks, and no token of it one of the vocabulary's added
+    tokens (special tokens such as `<|im_end|>`, the trajectory bins `<i0>` ..., the backbone's
+    control tokens), which would put control or trajectory ids into the supervised text."""
+    check_cot_text(cot)
+    added = tokenizer.tokenizer.get_added_tokens_decoder()
+    found = sorted({added[i].content for i in tokenizer.encode(cot, add_special_tokens=False) if i in added})
+    if found:
+        raise ClipError(f"cot: contains the tokenizer's special token(s) {found}; Chain-of-Causation text is "
+                        "plain text")
 
 
 def future_tokens(
@@ -199,9 +249,12 @@ def labels_mask(
     tokenizer: ExtendedTokenizer,
     config: AlpamayoConfig,
     role: str = ASSISTANT_ROLE,
+    components: tuple[str, ...] = LABEL_COMPONENTS,
 ) -> np.ndarray:  # (B, L) bool
-    """The tokens the training loss supervises: each `<|traj_future_start|>` ...
-    `<|traj_future_end|>` span inclusive, and the `<|im_end|>` that closes each turn of `role`.
+    """The tokens the training loss supervises: each `<|{c}_start|>` ... `<|{c}_end|>` span
+    inclusive for every component c (`<|cot_start|>` ... `<|cot_end|>` where a row has one,
+    `<|traj_future_start|>` ... `<|traj_future_end|>`), and the `<|im_end|>` that closes each
+    turn of `role`.
 
     A turn is `<|im_start|>` ... `<|im_end|>`; it is `role`'s when the tokens right after its
     `<|im_start|>` are the tokenisation of `role` (one token in Qwen's vocabulary, several in
@@ -215,13 +268,21 @@ def labels_mask(
     if role_ids.size == 0:
         raise PromptError(f"role {role!r} tokenises to nothing")
     turn_start, turn_end = tokenizer.token_to_id(TURN_START), tokenizer.token_to_id(TURN_END)
+    spans = []
+    for component in components:
+        start_token = special_token(f"{component}_start")
+        ids_of = (tokenizer.token_to_id(start_token), tokenizer.token_to_id(special_token(f"{component}_end")))
+        spans.append((*ids_of, start_token))
     token_ids = config.traj_token_ids
+    if "traj_future" in components and spans[components.index("traj_future")][:2] != (
+        token_ids.future_start, token_ids.future_end
+    ):
+        raise PromptError("the tokenizer's <|traj_future_start|>/<|traj_future_end|> ids are not the config's")
     mask = np.zeros(ids.shape, bool)
     for b, row in enumerate(ids):
-        for start, end in _pairs(
-            row, token_ids.future_start, token_ids.future_end, "<|traj_future_start|>", b
-        ):
-            mask[b, start : end + 1] = True
+        for start_id, end_id, what in spans:
+            for start, end in _pairs(row, start_id, end_id, what, b):
+                mask[b, start : end + 1] = True
         for start, end in _pairs(row, turn_start, turn_end, "turn", b):
             header = row[start + 1 : start + 1 + role_ids.size]
             if start + 1 + role_ids.size <= end and np.array_equal(header, role_ids):

@@ -21,6 +21,10 @@ jax.config.update("jax_default_matmul_precision", "highest")
 from workload import Workload  # noqa: E402
 
 from alpamayo_jax.config import alpamayo_r1_10b  # noqa: E402
+from alpamayo_jax.data.iterator import DatasetSource  # noqa: E402
+from alpamayo_jax.data.synthetic_dataset import write_synthetic_dataset  # noqa: E402
+from alpamayo_jax.evaluation.evaluate import evaluate  # noqa: E402
+from alpamayo_jax.inference.inference_config import InferenceConfig  # noqa: E402
 from alpamayo_jax.inference.generation import GenerationConfig, generate, prefill  # noqa: E402
 from alpamayo_jax.inference.pipeline import Pipeline  # noqa: E402
 from alpamayo_jax.nn.variables import module_variables  # noqa: E402
@@ -143,4 +147,23 @@ for name, shape in [("indivisible_error", "model4"), ("indivisible_vocab_error",
         report[name] = None
     except ShardingError as error:
         report[name] = str(error)
+# `evaluate` data parallel: three synthetic dataset clips in one batch of 8 over data 8 (five
+# fill-up copies) against one clip at a time on one device, greedy.
+scratch = Path(tempfile.mkdtemp())
+dataset = write_synthetic_dataset(scratch / "pai", num_clips=3, seed=1)
+greedy = InferenceConfig.from_model(single.config, greedy=True, num_samples=2, max_new_tokens=4)
+evaluations = {name: evaluate(DatasetSource(dataset.root), scratch / name, pipeline=pipeline, settings=greedy)
+               for name, pipeline in (("single", single), ("data8", load(make_mesh("data8"))))}
+
+
+def result_xyz(name):
+    return np.stack([json.loads(path.read_text())["xyz"] for path in sorted((scratch / name).glob("*@*.json"))])
+
+
+report["evaluate"] = {
+    "clips": [evaluations[name]["num_clips"] for name in ("single", "data8")],
+    "metrics_single": evaluations["single"]["clips"],
+    "metrics_data8": evaluations["data8"]["clips"],
+    "xyz_max_abs_difference": float(np.abs(result_xyz("single") - result_xyz("data8")).max()),
+}
 print("RESULT " + json.dumps(report))

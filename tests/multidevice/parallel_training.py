@@ -1,6 +1,7 @@
 """Run with 8 CPU devices (tests/test_sharding.py starts it): three stage-2 training steps of the
 tiny model on one device, then on a data 4 x model 2 mesh with the tensor-parallel table and with
-the FSDP table; prints the losses, the relative parameter differences and the placements as JSON."""
+the FSDP table, and three stage-1 steps (the whole VLM) on one device and on that mesh with the
+FSDP table; prints the losses, the relative parameter differences and the placements as JSON."""
 
 import os
 import sys
@@ -21,12 +22,13 @@ from alpamayo_jax.sharding import FSDP_RULES, LOGICAL_RULES, make_mesh  # noqa: 
 workload = Workload(sys.argv[1])
 pipeline = workload.load()
 inputs, actions = workload.training_batch(pipeline)
+stage1_batch = workload.training_batch(pipeline, stage=1)
 
 
-def gradients(trainer, state):
+def gradients(trainer, state, batch):
     """The first step's gradient of every trainable parameter (same key as the step's)."""
     key = jax.random.fold_in(state.key, state.step)
-    grad = jax.jit(jax.grad(lambda params: trainer.loss(params, trainer.frozen, inputs, actions, key)[0]))
+    grad = jax.jit(jax.grad(lambda params: trainer.loss(params, trainer.frozen, *batch, key)[0]))
     if trainer.mesh is None:
         return jax.tree.leaves(grad(state.params))
     with jax.set_mesh(trainer.mesh):
@@ -40,10 +42,11 @@ def relative(ours, reference):
     return difference / max(float(np.abs(np.asarray(b)).max()) for b in reference)
 
 
-def three_steps(mesh=None, rules=LOGICAL_RULES):
-    trainer, state = workload.trainer(pipeline, mesh, rules)
-    first_gradients = gradients(trainer, state)
-    state, losses = workload.train(trainer, state, (inputs, actions))
+def three_steps(mesh=None, rules=LOGICAL_RULES, stage=2):
+    batch = (inputs, actions) if stage == 2 else stage1_batch
+    trainer, state = workload.trainer(pipeline, mesh, rules, stage=stage)
+    first_gradients = gradients(trainer, state, batch)
+    state, losses = workload.train(trainer, state, batch)
     return state, losses, first_gradients
 
 
@@ -60,4 +63,13 @@ for name, rules in (("data4_model2", LOGICAL_RULES), ("data4_model2_fsdp", FSDP_
                     "expert_up_proj_block": list(kernel.addressable_shards[0].data.shape),
                     "optimizer_state_sharded": any(getattr(m, "sharding", None) is not None
                                                    and not m.sharding.is_fully_replicated for m in moment)}
+reference_state, reference_losses, reference_gradients = three_steps(stage=1)
+report["stage1_reference_losses"] = reference_losses
+state, losses, first_gradients = three_steps(make_mesh("data4_model2"), FSDP_RULES, stage=1)
+embed = state.params["vlm"]["language_model"]["embed_tokens"]["embedding"].get_value()
+report["stage1_data4_model2_fsdp"] = {
+    "losses": losses, "params_relative_error": relative(jax.tree.leaves(state.params),
+                                                        jax.tree.leaves(reference_state.params)),
+    "gradients_relative_error": relative(first_gradients, reference_gradients),
+    "embed_tokens_spec": str(embed.sharding.spec), "embed_tokens_block": list(embed.addressable_shards[0].data.shape)}
 print("RESULT " + json.dumps(report))

@@ -1,7 +1,7 @@
 """The runs every multi-device check makes and compares with one device: the tiny fixture, two clips
 of equal image sizes (the fixture's cameras, and the same cameras in reverse order) x four samples,
-12 tokens sampled at temperature 1; and three stage-2 training steps on a batch of four synthetic
-clips with ground truth. Imported by the scripts beside it once JAX is configured."""
+12 tokens sampled at temperature 1; and three training steps (stage 2, or stage 1) on a batch of
+four synthetic clips with ground truth. Imported by the scripts beside it once JAX is configured."""
 
 import jax
 from safetensors.numpy import load_file
@@ -15,7 +15,7 @@ from alpamayo_jax.processing.synthetic import synthetic_clip
 from alpamayo_jax.sharding import LOGICAL_RULES
 from alpamayo_jax.training.optimizer import OptimizerConfig
 from alpamayo_jax.training.stage2 import fit_actions
-from alpamayo_jax.training.trainer import Stage2Trainer
+from alpamayo_jax.training.trainer import Trainer
 
 TRAINING_OPTIMIZER = OptimizerConfig(learning_rate=1e-3, warmup_steps=1, total_steps=3)
 
@@ -41,18 +41,21 @@ class Workload:
                                               max_new_tokens=12)
         return sample_from_inputs(pipeline, self.inputs(pipeline, clips), jax.random.key(3), settings)
 
-    def training_batch(self, pipeline: Pipeline):
-        """(inputs, actions) of four synthetic clips with ground truth."""
+    def training_batch(self, pipeline: Pipeline, stage: int = 2):
+        """(inputs, targets) of four synthetic clips with ground truth: stage 2's actions, or stage 1's labels."""
         clips = [synthetic_clip(i, image_size=(32, 48), speed=4.0 + i, curvature=0.01 * (i - 2), with_future=True)
                  for i in range(4)]
         batch = collate(clips, tokenizer=pipeline.tokenizer, chat_template=pipeline.chat_template,
                         config=pipeline.config)
+        if stage == 1:
+            return batch.fused_inputs(), jax.numpy.asarray(batch.labels())
         return batch.inputs, fit_actions(pipeline.split, batch.inputs, batch.ego_future_xyz, batch.ego_future_rot)
 
     @staticmethod
-    def trainer(pipeline: Pipeline, mesh=None, rules=LOGICAL_RULES):
-        """The stage-2 trainer and its initial state, from key 0."""
-        return Stage2Trainer.create(pipeline.model, TRAINING_OPTIMIZER, jax.random.key(0), mesh=mesh, rules=rules)
+    def trainer(pipeline: Pipeline, mesh=None, rules=LOGICAL_RULES, stage: int = 2):
+        """The trainer of `stage` (2 by default) and its initial state, from key 0."""
+        return Trainer.create(pipeline.model, TRAINING_OPTIMIZER, jax.random.key(0), stage=stage, mesh=mesh,
+                              rules=rules)
 
     @staticmethod
     def train(trainer, state, batch, steps: int = 3):

@@ -1,0 +1,171 @@
+"""Image preprocessing benchmark: ours (`processing.image.preprocess_images`, jitted JAX) against
+transformers' `Qwen2VLImageProcessorFast` (torchvision on PyTorch) on the same uint8 frames.
+
+The default input is a real rig's: 4 cameras x 4 frames of 1080 x 1920 uint8, resized to
+320 x 576 with the 10B model's pixel budget. Both sides get the same frames; their calls are
+interleaved in one process (ours, theirs, ours, ...) so that a loaded machine slows both alike.
+The first call of ours includes compiling its programs; the first call of theirs warms up too.
+Also checks that both produce the same pixel values (bit for bit on the uint8 path).
+
+    python bench/preprocess_bench.py [--height 1080 --width 1920 --cameras 4 --frames 4]
+                                     [--repeats 7] [--layout chw|hwc] [--float-resize] [--json]
+
+transformers' fast processor needs torchvision, which the project does not depend on: install a
+torchvision wheel matching the installed torch into a directory of its own and put it on
+PYTHONPATH. A wheel built for another torch variant (a CUDA build next to a CPU torch) is fine:
+its compiled operators are not used, and the import shim below lets its Python transforms load.
+Without torchvision the benchmark reports ours only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import jax
+import numpy as np
+
+from alpamayo_jax.config import alpamayo_r1_10b
+from alpamayo_jax.processing import image
+
+# torchvision operators whose fake kernels its import registers even when its compiled
+# extension did not load (a wheel built for another torch variant).
+_TORCHVISION_OPS = {
+    "nms": "(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
+    "qnms": "(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
+}
+
+
+def fast_processor(config):
+    """transformers' fast Qwen2-VL image processor with the model's settings, or None (and why)."""
+    try:
+        import torch
+    except ImportError as error:
+        return None, f"torch not importable ({error})"
+    try:
+        import torchvision
+    except ImportError as error:
+        return None, f"torchvision not importable ({error})"
+    except RuntimeError as error:  # its compiled extension does not load with this torch
+        if "torchvision::" not in str(error):
+            raise
+        for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+            del sys.modules[name]
+        for op, schema in _TORCHVISION_OPS.items():
+            try:
+                getattr(torch.ops.torchvision, op)
+            except (AttributeError, RuntimeError):
+                torch.library.define(f"torchvision::{op}", schema)
+        import torchvision  # noqa: F401
+    from transformers import Qwen2VLImageProcessorFast
+
+    vision = config.vision
+    processor = Qwen2VLImageProcessorFast(
+        size={"shortest_edge": config.min_pixels, "longest_edge": config.max_pixels},
+        patch_size=vision.patch_size,
+        temporal_patch_size=vision.temporal_patch_size,
+        merge_size=vision.spatial_merge_size,
+        image_mean=list(image.IMAGE_MEAN),
+        image_std=list(image.IMAGE_STD),
+    )
+    name = f"transformers Qwen2VLImageProcessorFast, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    return processor, name
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--height", type=int, default=1080)
+    parser.add_argument("--width", type=int, default=1920)
+    parser.add_argument("--cameras", type=int, default=4)
+    parser.add_argument("--frames", type=int, default=4, help="frames per camera")
+    parser.add_argument("--repeats", type=int, default=7, help="steady-state calls of each side")
+    parser.add_argument("--layout", choices=("chw", "hwc"), default="chw", help="layout of the frames")
+    parser.add_argument("--float-resize", action="store_true", help="the training path (theirs: do_rescale=False)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    args = parser.parse_args()
+
+    config = alpamayo_r1_10b()
+    shape = (args.cameras, args.frames, 3, args.height, args.width)
+    frames = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+    if args.layout == "hwc":
+        frames = np.ascontiguousarray(frames.transpose(0, 1, 3, 4, 2))
+
+    def ours():
+        pixels, grid = image.preprocess_images(
+            image.flatten_camera_frames(frames), vision=config.vision, min_pixels=config.min_pixels,
+            max_pixels=config.max_pixels, float_resize=args.float_resize,
+        )
+        return pixels, grid
+
+    processor, theirs_name = fast_processor(config)
+    theirs = None
+    if processor is not None:
+        import torch
+
+        if args.float_resize:  # as the reference's training collate feeds its processor
+            inputs = [torch.from_numpy(f.astype(np.float32) / np.float32(255)) for f in
+                      frames.reshape(-1, *frames.shape[2:])]
+            options = {"do_rescale": False}
+        else:
+            inputs = [torch.from_numpy(f) for f in frames.reshape(-1, *frames.shape[2:])]
+            options = {}
+        layout = "channels_last" if args.layout == "hwc" else "channels_first"
+
+        def theirs():
+            out = processor(images=inputs, return_tensors="pt", input_data_format=layout, **options)
+            return out["pixel_values"].numpy(), out["image_grid_thw"].numpy()
+
+    def timed(fn):
+        start = time.perf_counter()
+        result = fn()
+        return time.perf_counter() - start, result
+
+    first_ours, (pixels, grid) = timed(ours)
+    first_theirs, reference = timed(theirs) if theirs else (None, None)
+    steady_ours, steady_theirs = [], []
+    for _ in range(args.repeats):
+        steady_ours.append(timed(ours)[0])
+        if theirs:
+            steady_theirs.append(timed(theirs)[0])
+
+    report = {
+        "input": f"{args.cameras * args.frames} x {args.height} x {args.width} uint8 ({args.layout})",
+        "path": "float (training)" if args.float_resize else "uint8 (inference)",
+        "output": list(pixels.shape),
+        "jax_backend": jax.default_backend(),
+        "ours_first_s": round(first_ours, 4),
+        "ours_steady_median_s": round(statistics.median(steady_ours), 4),
+        "ours_steady_min_s": round(min(steady_ours), 4),
+        "compiled_programs": {
+            "width": image._width_program._cache_size(),
+            "height": image._height_program._cache_size(),
+            "patches": image._patch_program._cache_size(),
+        },
+    }
+    if theirs:
+        their_pixels, their_grid = reference
+        report.update({
+            "theirs": theirs_name,
+            "theirs_first_s": round(first_theirs, 4),
+            "theirs_steady_median_s": round(statistics.median(steady_theirs), 4),
+            "theirs_steady_min_s": round(min(steady_theirs), 4),
+            "speedup_median": round(statistics.median(steady_theirs) / statistics.median(steady_ours), 2),
+            "same_grid": bool(np.array_equal(grid, their_grid)),
+            "max_abs_difference": float(np.abs(pixels - their_pixels).max())
+            if pixels.shape == their_pixels.shape else None,
+        })
+    else:
+        report["theirs"] = f"not run: {theirs_name}"
+
+    if args.json:
+        print(json.dumps(report))
+        return
+    for key, value in report.items():
+        print(f"{key:24s} {value}")
+
+
+if __name__ == "__main__":
+    main()
