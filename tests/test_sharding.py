@@ -227,8 +227,10 @@ def test_sharded_training_steps_match_one_device(multidevice_training, preset):
     Tolerances, measured: losses 5e-7. Gradients 1.6e-5 of the largest (relative to the largest
     gradient over all tensors): action_out_proj's kernel gradient sums 256 token contributions,
     here reduced across four devices in another order (9e-6 absolute of 0.57). Parameters after
-    three AdamW steps 4.5e-5 of the largest: the normalised first step turns rounding in
-    near-zero gradient entries into differences of up to the learning rate (1e-3)."""
+    three AdamW steps 3.9e-4 of the largest: AdamW's normalised update moves an entry by about
+    the learning rate (1e-3) whatever its gradient's size, so an entry whose gradient is rounding
+    noise can move by up to 2 x 1e-3 per step either way (bound 6e-3 over three steps, parameters
+    of order 1); the losses and gradients above are the tight checks."""
     result = multidevice_training[preset]
     reference = multidevice_training["reference_losses"]
     loss_error = max(abs(a - b) / abs(b) for a, b in zip(result["losses"], reference, strict=True))
@@ -238,7 +240,7 @@ def test_sharded_training_steps_match_one_device(multidevice_training, preset):
     assert multidevice_training["devices"] == 8
     assert loss_error <= 1e-5
     assert result["gradients_relative_error"] <= 2e-5
-    assert result["params_relative_error"] <= 1e-4
+    assert result["params_relative_error"] <= 1e-3
     assert result["optimizer_state_sharded"]
     fsdp = preset.endswith("_fsdp")
     assert result["expert_up_proj_spec"] == str(PartitionSpec("data" if fsdp else None, "model"))
