@@ -94,18 +94,19 @@ def next_token_loss(logits: jax.Array, labels: jax.Array, config: AlpamayoConfig
     return loss, Stage1Aux(logits, targets, future_traj, others, token_loss)
 
 
-def vlm_logits(model: AlpamayoR1, inputs: ModelInputs, *, remat: bool = False) -> jax.Array:
-    """(B, L, V) logits of the VLM over the whole (left-padded) prompt, teacher forced."""
+def teacher_forced_vlm(model: AlpamayoR1, inputs: ModelInputs, *, remat: bool = False):
+    """The VLM's teacher-forced forward over the whole (left-padded) prompt: its `LMOutput`
+    (logits (B, L, V), the keys and values of every layer). Stage 1 reads the logits, stage 2 the
+    keys and values."""
     rows = ("batch", "sequence")
     # Under a mesh the batch rows split over `data` (`alpamayo_jax.sharding`); without one these do nothing.
-    out = model.vlm(constrain(jnp.asarray(inputs.input_ids), rows, replicate_uneven=True),
-                    pixel_values=constrain(jnp.asarray(inputs.pixel_values), ("image_patches", None),
-                                           replicate_uneven=True),
-                    image_grid_thw=inputs.image_grid,
-                    position_ids=constrain(jnp.asarray(inputs.position_ids), (None, *rows), replicate_uneven=True),
-                    attention_mask=constrain(jnp.asarray(inputs.attention_mask), rows, replicate_uneven=True),
-                    remat=remat)
-    return out.logits
+    return model.vlm(constrain(jnp.asarray(inputs.input_ids), rows, replicate_uneven=True),
+                     pixel_values=constrain(jnp.asarray(inputs.pixel_values), ("image_patches", None),
+                                            replicate_uneven=True),
+                     image_grid_thw=inputs.image_grid,
+                     position_ids=constrain(jnp.asarray(inputs.position_ids), (None, *rows), replicate_uneven=True),
+                     attention_mask=constrain(jnp.asarray(inputs.attention_mask), rows, replicate_uneven=True),
+                     remat=remat)
 
 
 def stage1_loss(model: AlpamayoR1, inputs: ModelInputs, labels: jax.Array, *, remat: bool = False
@@ -114,7 +115,7 @@ def stage1_loss(model: AlpamayoR1, inputs: ModelInputs, labels: jax.Array, *, re
     (`TrainingBatch.fused_inputs()`), (B, L) `labels` (`TrainingBatch.labels()`). Returns the total
     (what to differentiate) and (its terms, aux). `remat` recomputes the language model's layers
     in the backward pass instead of storing their activations (same values, less memory)."""
-    loss, aux = next_token_loss(vlm_logits(model, inputs, remat=remat), labels, model.config)
+    loss, aux = next_token_loss(teacher_forced_vlm(model, inputs, remat=remat).logits, labels, model.config)
     return loss.total, (loss, aux)
 
 

@@ -45,6 +45,7 @@ from alpamayo_jax.nn.module_jit import module_jit
 from alpamayo_jax.processing.model_inputs import ModelInputs
 from alpamayo_jax.sharding import constrain
 from alpamayo_jax.training.optimizer import TrainingStage, trainable_filter
+from alpamayo_jax.training.stage1 import teacher_forced_vlm
 
 ExpertAttention = Literal["default", "reference"]
 EXPERT_ATTENTION_MODES = ("default", "reference")
@@ -98,14 +99,7 @@ def teacher_forced_context(model: AlpamayoR1, inputs: ModelInputs, num_waypoints
     if expert_attention not in EXPERT_ATTENTION_MODES:
         raise ValueError(f"expert_attention must be one of {EXPERT_ATTENTION_MODES}, got {expert_attention!r}")
     reference = expert_attention == "reference"
-    # Under a mesh the batch rows split over `data` (`alpamayo_jax.sharding`); without one these do nothing.
-    rows = ("batch", "sequence")
-    out = model.vlm(constrain(jnp.asarray(inputs.input_ids), rows, replicate_uneven=True),
-                    pixel_values=constrain(jnp.asarray(inputs.pixel_values), ("image_patches", None),
-                                           replicate_uneven=True),
-                    image_grid_thw=inputs.image_grid,
-                    position_ids=constrain(jnp.asarray(inputs.position_ids), (None, *rows), replicate_uneven=True),
-                    attention_mask=constrain(jnp.asarray(inputs.attention_mask), rows, replicate_uneven=True))
+    out = teacher_forced_vlm(model, inputs)
     lengths = future_start_lengths(inputs, model.config.traj_token_ids.future_start, reference=reference)
     visible = jnp.arange(inputs.input_ids.shape[1])[None, :] < lengths[:, None]
     if not reference:  # the reference leaves left padding visible to the expert
