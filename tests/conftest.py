@@ -95,3 +95,30 @@ def recorded_inputs(golden, config=None):
 @pytest.fixture(scope="session")
 def fixture_inputs(golden):
     return recorded_inputs(golden)
+
+
+@pytest.fixture(scope="session")
+def train_golden() -> dict[str, np.ndarray]:
+    """Tensors recorded from NVIDIA's fine-tuning code on the tiny checkpoint (train/README.md)."""
+    return load_file(FIXTURE_DIR / "train" / "train_golden.safetensors")
+
+
+@pytest.fixture(scope="session")
+def examples(train_golden, tmp_path_factory):
+    """The fixture's two training samples as clip files (batch order), with its stage-2 flow
+    draws as t.npy (B,) and noise.npy (B, 64, 2): (directory, clip paths)."""
+    from alpamayo_jax.processing.clip import Clip
+    from alpamayo_jax.processing.clip_file import save_clip
+
+    directory = tmp_path_factory.mktemp("examples")
+    paths = []
+    for b in range(2):
+        clip = Clip.create(train_golden[f"input.image_frames.{b}"], train_golden["input.ego_history_xyz"][b, 0],
+                           train_golden["input.ego_history_rot"][b, 0],
+                           ego_future_xyz=train_golden["input.ego_future_xyz"][b, 0],
+                           ego_future_rot=train_golden["input.ego_future_rot"][b, 0])
+        paths.append(directory / f"sample{b}.npz")
+        save_clip(paths[-1], clip)
+    np.save(directory / "t.npy", train_golden["stage2.timesteps"][:, 0, 0])
+    np.save(directory / "noise.npy", train_golden["stage2.noise"])
+    return directory, paths

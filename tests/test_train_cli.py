@@ -22,28 +22,6 @@ from alpamayo_jax.processing.synthetic import synthetic_clip
 from tests.parity import assert_close
 
 
-@pytest.fixture(scope="module")
-def train_golden(fixture_dir):
-    return load_file(fixture_dir / "train" / "train_golden.safetensors")
-
-
-@pytest.fixture(scope="module")
-def examples(train_golden, tmp_path_factory):
-    """The fixture's two training samples as clip files, in batch order."""
-    directory = tmp_path_factory.mktemp("examples")
-    paths = []
-    for b in range(2):
-        clip = Clip.create(train_golden[f"input.image_frames.{b}"], train_golden["input.ego_history_xyz"][b, 0],
-                           train_golden["input.ego_history_rot"][b, 0],
-                           ego_future_xyz=train_golden["input.ego_future_xyz"][b, 0],
-                           ego_future_rot=train_golden["input.ego_future_rot"][b, 0])
-        paths.append(directory / f"sample{b}.npz")
-        save_clip(paths[-1], clip)
-    np.save(directory / "t.npy", train_golden["stage2.timesteps"][:, 0, 0])
-    np.save(directory / "noise.npy", train_golden["stage2.noise"])
-    return directory, paths
-
-
 def test_loss_command_reproduces_the_reference(fixture_dir, examples, train_golden, tmp_path):
     directory, paths = examples
     out = tmp_path / "loss.safetensors"

@@ -14,37 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from safetensors.numpy import load_file
 
 from alpamayo_jax import cli
-from alpamayo_jax.processing.clip import Clip
-from alpamayo_jax.processing.clip_file import save_clip
 
 verify_training = pytest.importorskip("alpamayo_reference.verify_training",
                                       reason="the PyTorch reference (the `test` extra: torch, transformers)")
 REFERENCE_ENV = "ALPAMAYO_REFERENCE_SRC"
-
-
-@pytest.fixture(scope="module")
-def train_golden(fixture_dir):
-    return load_file(fixture_dir / "train" / "train_golden.safetensors")
-
-
-@pytest.fixture(scope="module")
-def examples(train_golden, tmp_path_factory):
-    """The fixture's two training samples as clip files, with its flow draws as .npy files."""
-    directory = tmp_path_factory.mktemp("examples")
-    paths = []
-    for b in range(2):
-        clip = Clip.create(train_golden[f"input.image_frames.{b}"], train_golden["input.ego_history_xyz"][b, 0],
-                           train_golden["input.ego_history_rot"][b, 0],
-                           ego_future_xyz=train_golden["input.ego_future_xyz"][b, 0],
-                           ego_future_rot=train_golden["input.ego_future_rot"][b, 0])
-        paths.append(directory / f"sample{b}.npz")
-        save_clip(paths[-1], clip)
-    np.save(directory / "t.npy", train_golden["stage2.timesteps"][:, 0, 0])
-    np.save(directory / "noise.npy", train_golden["stage2.noise"])
-    return directory, paths
 
 
 def _arguments(fixture_dir, examples, reference_src) -> list[str]:
