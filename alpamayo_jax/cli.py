@@ -428,11 +428,11 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    """Bundle vs a PyTorch reference built from the same checkpoint (default), or with --stage 2 one
-    stage-2 forward/backward through NVIDIA's training code and ours; non-zero exit above tolerance
-    (2 when the reference cannot run)."""
-    if args.stage == "2":
-        return _verify_stage2(args)
+    """Bundle vs a PyTorch reference built from the same checkpoint (default), or with --stage 1|2
+    one fine-tuning forward/backward through NVIDIA's training code and ours; non-zero exit above
+    tolerance (2 when the reference cannot run)."""
+    if args.stage in ("1", "2"):
+        return _verify_training(args)
     if args.hf_dir is None:
         print("alpamayo-jax verify: error: --hf-dir is required (the source checkpoint directory)", file=sys.stderr)
         return 2
@@ -452,14 +452,22 @@ def _verify(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def _verify_stage2(args: argparse.Namespace) -> int:
-    """`verify --stage 2`: per-tensor errors of the batch, the loss and every trainable gradient,
-    NVIDIA's stage-2 training code (--reference-src) vs ours, on the same clips and flow draws."""
-    missing = [flag for flag, value in (("--examples", args.examples), ("--flow-timesteps", args.flow_timesteps),
-                                        ("--flow-noise", args.flow_noise), ("--processor-dir", args.processor_dir))
-               if value is None]
+def _verify_training(args: argparse.Namespace) -> int:
+    """`verify --stage 1|2`: per-tensor errors of the batch, the loss and every trainable gradient,
+    NVIDIA's training code of that stage (--reference-src) vs ours, on the same clips (and, for
+    stage 2, the same flow draws)."""
+    command = f"alpamayo-jax verify --stage {args.stage}"
+    required = [("--examples", args.examples), ("--processor-dir", args.processor_dir)]
+    flow = [("--flow-timesteps", args.flow_timesteps), ("--flow-noise", args.flow_noise)]
+    stage2_only = [*flow, ("--expert-attention", args.expert_attention), ("--actions", args.actions)]
+    missing = [flag for flag, value in required + (flow if args.stage == "2" else []) if value is None]
     if missing:
-        print(f"alpamayo-jax verify --stage 2: error: {', '.join(missing)} required", file=sys.stderr)
+        print(f"{command}: error: {', '.join(missing)} required", file=sys.stderr)
+        return 2
+    given = [flag for flag, value in stage2_only if value is not None]
+    if args.stage == "1" and given:
+        print(f"{command}: error: {', '.join(given)} only apply to --stage 2 (stage 1 has no flow matching)",
+              file=sys.stderr)
         return 2
     _output_file(args.json, "--json")
     try:
@@ -468,6 +476,7 @@ def _verify_stage2(args: argparse.Namespace) -> int:
             ReferenceUnavailable,
             check_reference,
             report_json,
+            verify_stage1,
             verify_stage2,
         )
     except ImportError as error:
@@ -477,14 +486,18 @@ def _verify_stage2(args: argparse.Namespace) -> int:
     try:
         check_reference(args.reference_src)  # before any clip or model loads
     except ReferenceUnavailable as error:
-        print(f"alpamayo-jax verify --stage 2: {error}", file=sys.stderr)
+        print(f"{command}: {error}", file=sys.stderr)
         return 2
-    timesteps = _load_array(args.flow_timesteps, "--flow-timesteps", (len(args.examples),))
-    noise = _load_array(args.flow_noise, "--flow-noise", None)
-    report = verify_stage2(args.model, args.examples, processor_dir=args.processor_dir,
-                           reference_src=args.reference_src, flow_timesteps=timesteps, flow_noise=noise,
-                           expert_attention=args.expert_attention, actions=args.actions, hf_dir=args.hf_dir,
-                           tolerance=args.tolerance)
+    if args.stage == "1":
+        report = verify_stage1(args.model, args.examples, processor_dir=args.processor_dir,
+                               reference_src=args.reference_src, hf_dir=args.hf_dir, tolerance=args.tolerance)
+    else:
+        timesteps = _load_array(args.flow_timesteps, "--flow-timesteps", (len(args.examples),))
+        noise = _load_array(args.flow_noise, "--flow-noise", None)
+        report = verify_stage2(args.model, args.examples, processor_dir=args.processor_dir,
+                               reference_src=args.reference_src, flow_timesteps=timesteps, flow_noise=noise,
+                               expert_attention=args.expert_attention or "reference",
+                               actions=args.actions or "reference", hf_dir=args.hf_dir, tolerance=args.tolerance)
     print(format_report(report.errors))
     for note in report.notes:
         print(f"note: {note}")
@@ -690,32 +703,33 @@ def main(argv: list[str] | None = None) -> int:
     loss.set_defaults(run=_loss)
 
     verify = commands.add_parser("verify", help="compare with the PyTorch reference: inference stage by stage "
-                                                "(default), or --stage 2: fine-tuning gradients vs NVIDIA's code")
-    verify.add_argument("--stage", choices=["inference", "2"], default="inference",
-                        help="inference (default): a bundle vs a PyTorch model of its source checkpoint; 2: one "
-                             "stage-2 training step's loss and gradients vs NVIDIA's training code")
+                                                "(default), or --stage 1|2: fine-tuning gradients vs NVIDIA's code")
+    verify.add_argument("--stage", choices=["inference", "1", "2"], default="inference",
+                        help="inference (default): a bundle vs a PyTorch model of its source checkpoint; 1 or 2: one "
+                             "training step's loss and gradients of that stage vs NVIDIA's training code")
     verify.add_argument("--model", type=_existing_dir, required=True,
-                        help="bundle (or Hugging Face) directory; with --stage 2 a Hugging Face checkpoint, or a "
+                        help="bundle (or Hugging Face) directory; with --stage 1|2 a Hugging Face checkpoint, or a "
                              "bundle with --hf-dir")
     verify.add_argument("--hf-dir", type=_existing_dir,
-                        help="the source checkpoint directory (required without --stage 2; with it, what the "
+                        help="the source checkpoint directory (required for inference; with --stage 1|2 what the "
                              "reference loads, default --model)")
     verify.add_argument("--processor-dir", type=_existing_dir,
-                        help="backbone config directory if not a preset (required with --stage 2)")
+                        help="backbone config directory if not a preset (required with --stage 1|2)")
     verify.add_argument("--tolerance", type=float, default=1e-4, help="max relative error per stage / tensor")
     verify.add_argument("--seed", type=int, default=0)
     verify.add_argument("--json", type=Path, help="also write the errors as JSON here")
+    training = verify.add_argument_group("--stage 1|2")
+    training.add_argument("--examples", type=Path, nargs="+", help="clip .npz files with ground truth, one batch")
+    training.add_argument("--reference-src", type=Path,
+                          help="an NVlabs/alpamayo source tree; its Python dependencies (hydra-core, omegaconf, "
+                               "antlr4-python3-runtime, colorlog, torchvision) must be importable")
     stage2 = verify.add_argument_group("--stage 2")
-    stage2.add_argument("--examples", type=Path, nargs="+", help="clip .npz files with ground truth, one batch")
     stage2.add_argument("--flow-timesteps", type=Path, help=".npy (B,) flow times, one per example")
     stage2.add_argument("--flow-noise", type=Path, help=".npy (B, waypoints, 2) flow noise")
-    stage2.add_argument("--reference-src", type=Path,
-                        help="an NVlabs/alpamayo source tree; its Python dependencies (hydra-core, omegaconf, "
-                             "antlr4-python3-runtime, colorlog, torchvision) must be importable")
-    stage2.add_argument("--expert-attention", choices=["reference", "default"], default="reference",
+    stage2.add_argument("--expert-attention", choices=["reference", "default"],
                         help="our expert's attention: reference (default; NVIDIA's training code: causal, padding "
                              "visible) or default (as at inference; expected to differ)")
-    stage2.add_argument("--actions", choices=["reference", "ours"], default="reference",
+    stage2.add_argument("--actions", choices=["reference", "ours"],
                         help="clean actions x our loss starts from: reference (default: NVIDIA's traj_to_action, so "
                              "the gradients test the VLM cache, expert and loss) or ours (end to end; traj_to_action "
                              "is ill-conditioned in float32, use a tolerance like 5e-2)")

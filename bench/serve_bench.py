@@ -5,7 +5,8 @@ that no request was lost (every request sent got an HTTP answer; errors by statu
 Against a running server, or one it starts itself on the embedded tiny model:
 
     python bench/serve_bench.py --url http://127.0.0.1:8000 [--concurrency 8] [--duration 30]
-    python bench/serve_bench.py --spawn-tiny [--concurrency 4] [--duration 20] [--image-size 1080x1920]
+    python bench/serve_bench.py --spawn-tiny [--concurrency 4] [--duration 20] [--image-size 1080x1920] \
+        [--max-batch-clips 4]
 
 Every request carries one synthetic clip (JPEG frames of --image-size, an arc history) and its own
 seed. Requests in flight when the time is up are waited for and counted.
@@ -53,11 +54,11 @@ def payload(image_size: tuple[int, int]) -> dict:
     return {"images": images, "egomotion": rows}
 
 
-def spawn_tiny(image_size: tuple[int, int]) -> tuple[subprocess.Popen, str]:
+def spawn_tiny(image_size: tuple[int, int], max_batch_clips: int = 1) -> tuple[subprocess.Popen, str]:
     """`python -m alpamayo_jax.serving` on the tiny model, free ports; returns (process, base URL)."""
     command = [sys.executable, "-m", "alpamayo_jax.serving", "--model", str(TINY / "hf"), "--processor-dir",
                str(TINY / "vlm"), "--http-port", "0", "--alpasim-port", "0", "--log-level", "WARNING",
-               "--warmup-size", f"{image_size[0]}x{image_size[1]}"]
+               "--warmup-size", f"{image_size[0]}x{image_size[1]}", "--max-batch-clips", str(max_batch_clips)]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                env=dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false"))
     for line in process.stdout:
@@ -140,13 +141,15 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=20.0, help="seconds of load (default: 20)")
     parser.add_argument("--image-size", default="1080x1920", help="HxW of the frames (default: 1080x1920)")
     parser.add_argument("--timeout", type=float, default=600.0, help="per-request timeout in seconds")
+    parser.add_argument("--max-batch-clips", type=int, default=1,
+                        help="with --spawn-tiny: the server's --max-batch-clips (default: 1, no batching)")
     parser.add_argument("--json", type=Path, help="also write the report here")
     args = parser.parse_args()
     height, width = (int(v) for v in args.image_size.lower().split("x"))
     process = None
     url = args.url
     if args.spawn_tiny:
-        process, url = spawn_tiny((height, width))
+        process, url = spawn_tiny((height, width), args.max_batch_clips)
     try:
         report = run(url, concurrency=args.concurrency, duration=args.duration, image_size=(height, width),
                      timeout=args.timeout)

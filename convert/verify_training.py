@@ -1,7 +1,19 @@
-"""Stage-2 fine-tuning verification: NVIDIA's own PyTorch training code and ours on the same batch,
-gradient by gradient (`alpamayo-jax verify --stage 2`).
+"""Fine-tuning verification: NVIDIA's own PyTorch training code and ours on the same batch,
+gradient by gradient (`alpamayo-jax verify --stage 1` and `--stage 2`).
 
-The reference side is the stage-2 model of an NVlabs/alpamayo source tree (`reference_src`; the
+Stage 1 (`verify_stage1`). The reference side is NVIDIA's `TrainableReasoningVLA`, built as its
+stage-1 recipe builds it (`from_alpamayo_checkpoint` on the Hugging Face checkpoint, float32,
+train mode), fed by its own data path on the same clips (with the `cot` component when they carry
+Chain-of-Causation text), its loss (a sum of two means) run backward; every VLM parameter's
+gradient is compared. Its loader reads only sharded checkpoints: a single `model.safetensors` is
+handed to it through a one-shard index in a scratch directory (weights linked, not copied). One
+thing in its data path is changed, and only where it would otherwise miss: its mask of the
+assistant's `<|im_end|>` looks the role "assistant" up as one token, which a small tokenizer (the
+fixture's) may not have; the turn is then found by the role's first token, as the fixture's
+recording did (`_structural_assistant_role`, noted in the report). Qwen's tokenizer has the token
+and nothing changes.
+
+Stage 2 (`verify_stage2`). The reference side is the stage-2 model of an NVlabs/alpamayo source tree (`reference_src`; the
 fixture's numbers come from commit 1cba38c): its trainable class built from the Hugging Face
 checkpoint directory with the VLM frozen (`cotrain_vlm=False`, `stop_grad_from_vlm=True`), in
 float32 and train mode, fed by the reference's own data path on the same clips (the preprocessing
@@ -61,9 +73,8 @@ Configuration values the reference reads from the checkpoint's config.json are k
 `model_dtype` (float32) and an `attn_implementation` other than "sdpa"/"eager" (set to "sdpa":
 flash attention does not run in float32 on a CPU); each change is noted.
 
-Not reproduced on purpose: the reference's assistant-role lookup in its labels mask (which misses
-on the toy tokenizer, see the fixture README) only affects the VLM's own discarded loss in stage 2,
-so it is left as the reference computes it.
+In stage 2 the reference's assistant-role lookup is left as it is: the labels mask only affects
+the VLM's own loss, which stage 2 discards.
 """
 
 from __future__ import annotations
@@ -82,7 +93,7 @@ from pathlib import Path
 import numpy as np
 from alpamayo_reference.verify import StageError, compare
 
-# (module, what to install) for everything NVIDIA's stage-2 code imports beyond torch and
+# (module, what to install) for everything NVIDIA's fine-tuning code imports beyond torch and
 # transformers; the versions are those the training fixture was produced with.
 REFERENCE_DEPENDENCIES = (
     ("hydra", "hydra-core==1.3.8"),
@@ -100,6 +111,7 @@ REFERENCE_FILES = (
     "src/alpamayo_r1/config.py",
     "src/alpamayo_r1/processor/qwen_processor.py",
     "finetune/sft/models/sft_alpamayo_r1.py",
+    "finetune/sft/models/sft_base_model.py",
     "finetune/sft/configs/vla_processor.yaml",
     "finetune/sft/configs/sft_base.yaml",
 )
@@ -122,11 +134,11 @@ class ReferenceUnavailable(RuntimeError):
 
 def check_reference(reference_src: str | Path | None) -> Path:
     """The reference source tree as a path, after checking that it is an NVlabs/alpamayo tree and
-    that the packages its stage-2 code imports are importable (nothing is imported here). Raises
+    that the packages its fine-tuning code imports are importable (nothing is imported here). Raises
     `ReferenceUnavailable` naming everything that is missing."""
     clone = f"an NVlabs/alpamayo source tree (git clone https://github.com/NVlabs/alpamayo, commit {REFERENCE_COMMIT})"
     if reference_src is None:
-        raise ReferenceUnavailable(f"stage-2 verification runs NVIDIA's training code: pass --reference-src, {clone}")
+        raise ReferenceUnavailable(f"fine-tuning verification runs NVIDIA's training code: pass --reference-src, {clone}")
     root = Path(reference_src)
     if not root.is_dir():
         raise ReferenceUnavailable(f"--reference-src {root} is not a directory; it must be {clone}")
@@ -142,7 +154,7 @@ def check_reference(reference_src: str | Path | None) -> Path:
             f"NVIDIA's training code needs Python packages that are not importable here: {names}. Install "
             f"them into a directory of their own, not the project's environment, and put it on PYTHONPATH: "
             f"`pip install --no-deps --target DIR {packages}`, then `PYTHONPATH=DIR alpamayo-jax verify "
-            f"--stage 2 ...`. (torchvision is what transformers' Qwen3-VL processor needs; a wheel built for "
+            f"--stage 1|2 ...`. (torchvision is what transformers' Qwen3-VL processor needs; a wheel built for "
             f"another torch variant works, its compiled operators are not used.)")
     return root
 
@@ -198,11 +210,13 @@ class ReferenceRun:
 
 
 @dataclasses.dataclass
-class Stage2Report:
+class TrainingReport:
+    """Per-tensor errors of one fine-tuning forward/backward, ours against the reference's."""
+
     errors: list[StageError]
     notes: list[str]
     loss: float  # ours
-    reference: ReferenceRun
+    reference: ReferenceRun | Stage1ReferenceRun
 
     @property
     def ok(self) -> bool:
@@ -249,6 +263,87 @@ def _reference_sample(clip) -> dict:
             "relative_timestamps": torch.from_numpy(times),
             "ego_history_xyz": ego(clip.ego_history_xyz), "ego_history_rot": ego(clip.ego_history_rot),
             "ego_future_xyz": ego(clip.ego_future_xyz), "ego_future_rot": ego(clip.ego_future_rot)}
+
+
+# The reference's prompt components for a batch without and with Chain-of-Causation text (its
+# vla_processor.yaml lists the first; the cot component is its own, placed as our training prompt
+# places it: alpamayo_jax/processing/training_prompt.py).
+TRAJECTORY_COMPONENTS = {"components_order": ["image", "traj_history", "prompt", "traj_future"],
+                         "components_prompt": ["traj_future"], "label_components": ["traj_future"]}
+COT_COMPONENTS = {"components_order": ["image", "traj_history", "prompt", "cot", "traj_future"],
+                  "components_prompt": ["cot", "traj_future"], "label_components": ["cot", "traj_future"]}
+
+
+@contextlib.contextmanager
+def _structural_assistant_role(notes: list[str]):
+    """Within the block, the reference's assistant-`<|im_end|>` mask finds the assistant turn by
+    the first token of "assistant" when the tokenizer has no single token for it (the fixture's
+    toy tokenizer; Qwen's has one, and nothing changes). Without this the reference silently drops
+    the assistant's `<|im_end|>` from the labels (fixture README: `labels_mask_toy_unpatched`)."""
+    from alpamayo_r1.processor import qwen_processor
+
+    original = qwen_processor.get_role_eos_mask
+
+    def get_role_eos_mask(input_ids, tokenizer, *args, role="assistant", **kwargs):
+        role_id = tokenizer.convert_tokens_to_ids(role)
+        if role_id is None or role_id == tokenizer.unk_token_id:
+            first = tokenizer.encode(role, add_special_tokens=False)[0]
+            note = (f"reference labels: the tokenizer has no single token {role!r}; its assistant turn is found by "
+                    f"its first token (id {first}), as in the fixture")
+            if note not in notes:
+                notes.append(note)
+            tokenizer = _TokenLookup(tokenizer, {role: first})
+        return original(input_ids, tokenizer, *args, role=role, **kwargs)
+
+    qwen_processor.get_role_eos_mask = get_role_eos_mask
+    try:
+        yield
+    finally:
+        qwen_processor.get_role_eos_mask = original
+
+
+class _TokenLookup:
+    """A tokenizer whose `convert_tokens_to_ids` answers a few tokens itself."""
+
+    def __init__(self, tokenizer, ids: dict[str, int]):
+        self._tokenizer, self._ids = tokenizer, ids
+
+    def convert_tokens_to_ids(self, token):
+        return self._ids[token] if token in self._ids else self._tokenizer.convert_tokens_to_ids(token)
+
+    def __getattr__(self, name):
+        return getattr(self._tokenizer, name)
+
+
+def _reference_batch(root: Path, model_config, clips: Sequence, notes: list[str], *,
+                     structural_assistant: bool = False) -> dict:
+    """The reference's data path on `clips`: the preprocessing of its training dataset
+    (vla_processor.yaml with generation_mode false, as sft_base.yaml sets for training; with the cot
+    component when the clips carry Chain-of-Causation text), then the collate sft_base.yaml names
+    (left padding). `structural_assistant`: see `_structural_assistant_role`."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    with_cot = {clip.cot is not None for clip in clips}
+    if len(with_cot) > 1:
+        raise ValueError("the reference supervises one set of components per batch: either every clip carries "
+                         "Chain-of-Causation text (cot) or none does")
+    configs = root / "finetune" / "sft" / "configs"
+    preprocess_config = OmegaConf.load(configs / "vla_processor.yaml")
+    preprocess_config.generation_mode = False
+    preprocess_config.update(COT_COMPONENTS if with_cot == {True} else TRAJECTORY_COMPONENTS)
+    preprocess = instantiate(preprocess_config, model_config=model_config)
+    collate = instantiate(OmegaConf.load(configs / "sft_base.yaml").data.collate_fn, _convert_="partial",
+                          model_config=model_config)
+    samples = []
+    for clip in clips:
+        sample = _reference_sample(clip)
+        if clip.cot is not None:
+            sample["cot"] = clip.cot
+        sample["tokenized_data"] = preprocess(data=sample)
+        samples.append(sample)
+    with _structural_assistant_role(notes) if structural_assistant else contextlib.nullcontext():
+        return collate(samples)
 
 
 def _beta_for(timesteps: np.ndarray, scale: float) -> tuple[np.ndarray, np.ndarray]:
@@ -361,8 +456,6 @@ def reference_stage2(hf_dir: str | Path, clips: Sequence, *, processor_dir: str 
     import torch
     from alpamayo_r1.config import AlpamayoR1Config
     from finetune.sft.models.sft_alpamayo_r1 import TrainableAlpamayoR1
-    from hydra.utils import instantiate
-    from omegaconf import OmegaConf
 
     hf_dir = Path(hf_dir)
     if not (hf_dir / "config.json").is_file():
@@ -373,20 +466,7 @@ def reference_stage2(hf_dir: str | Path, clips: Sequence, *, processor_dir: str 
                                                 cotrain_vlm=False, stop_grad_from_vlm=True)
     model.train()  # as the Trainer runs it
 
-    # The reference's data path: the preprocessing of its training dataset (vla_processor.yaml with
-    # generation_mode false, as sft_base.yaml sets for training), then the collate sft_base.yaml names.
-    configs = root / "finetune" / "sft" / "configs"
-    preprocess_config = OmegaConf.load(configs / "vla_processor.yaml")
-    preprocess_config.generation_mode = False
-    preprocess = instantiate(preprocess_config, model_config=model.config)
-    collate = instantiate(OmegaConf.load(configs / "sft_base.yaml").data.collate_fn, _convert_="partial",
-                          model_config=model.config)
-    samples = []
-    for clip in clips:
-        sample = _reference_sample(clip)
-        sample["tokenized_data"] = preprocess(data=sample)
-        samples.append(sample)
-    batch = collate(samples)
+    batch = _reference_batch(root, model.config, clips, notes)
 
     record: dict = {}
 
@@ -431,6 +511,114 @@ def reference_stage2(hf_dir: str | Path, clips: Sequence, *, processor_dir: str 
                         notes=notes)
 
 
+@dataclasses.dataclass
+class Stage1ReferenceRun:
+    """What NVIDIA's stage-1 code computed on the batch (float32 numpy)."""
+
+    loss: float
+    terms: dict[str, float]  # "future_traj", "others": the two means the loss sums
+    gradients: dict[str, np.ndarray]  # checkpoint key -> d loss / d parameter, every VLM parameter
+    vlm_inputs: dict[str, np.ndarray]  # input_ids (history and future fused), labels, attention_mask, pixel_values,
+    #                                    image_grid_thw
+    supervised_logits: np.ndarray  # (N, V) logits that predict a supervised label, row-major over the batch
+    notes: list[str]
+
+
+def _stage1_checkpoint(hf_dir: Path, processor_dir: Path, directory: Path, notes: list[str]) -> Path:
+    """A directory the reference's stage-1 loader reads `hf_dir` from: its config (float32, see
+    `_reference_config`) and its weights through a shard index (the loader reads only sharded
+    checkpoints; a single `model.safetensors` becomes a one-shard index), the weight files linked."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(_reference_config(hf_dir, processor_dir, notes)))
+    index = hf_dir / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+    elif (hf_dir / "model.safetensors").is_file():
+        from safetensors import safe_open
+
+        with safe_open(hf_dir / "model.safetensors", "np") as weights:
+            weight_map = dict.fromkeys(weights.keys(), "model.safetensors")
+        notes.append("reference stage-1 loader: model.safetensors given to it through a one-shard index")
+    else:
+        raise ValueError(f"{hf_dir} holds no model.safetensors or model.safetensors.index.json")
+    (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    for name in set(weight_map.values()):
+        (directory / name).symlink_to((hf_dir / name).absolute())
+    return directory
+
+
+def reference_stage1(hf_dir: str | Path, clips: Sequence, *, processor_dir: str | Path,
+                     reference_src: str | Path) -> Stage1ReferenceRun:
+    """NVIDIA's stage-1 model (`TrainableReasoningVLA.from_alpamayo_checkpoint`, as its
+    configs/models/ar1_base.yaml builds it) from the Hugging Face checkpoint `hf_dir`, its data
+    path on `clips` (with ground truth; with or without Chain-of-Causation text), float32 and train
+    mode, its loss backward: the loss and its two terms, every VLM parameter's gradient keyed by
+    checkpoint key, and what it computed on the way. Observation only (hooks and a recording
+    wrapper of its term function); the one change to its data path is `_structural_assistant_role`."""
+    import tempfile
+
+    root = check_reference(reference_src).absolute()
+    _prepend_path(root / "src", root)
+    notes: list[str] = []
+    _import_torchvision(notes)
+    import torch
+    from finetune.sft.models.sft_base_model import TrainableReasoningVLA
+
+    hf_dir = Path(hf_dir)
+    if not (hf_dir / "config.json").is_file():
+        raise ValueError(f"{hf_dir} is not a Hugging Face checkpoint directory (no config.json): the reference "
+                         "loads one")
+    with tempfile.TemporaryDirectory() as scratch:
+        checkpoint = _stage1_checkpoint(hf_dir, Path(processor_dir), Path(scratch) / "checkpoint", notes)
+        model = TrainableReasoningVLA.from_alpamayo_checkpoint(str(checkpoint),
+                                                               str(Path(processor_dir).absolute()))
+    model = model.to(torch.float32)
+    model.train()  # as the Trainer runs it
+    batch = _reference_batch(root, model.config, clips, notes, structural_assistant=True)
+
+    record: dict = {}
+
+    def vlm_inputs(module, args, kwargs):
+        record["vlm"] = {key: kwargs[key].detach().numpy().copy()
+                         for key in ("input_ids", "labels", "attention_mask", "pixel_values", "image_grid_thw")}
+
+    terms = []
+    compute_term = model._compute_next_token_loss
+
+    def recorded_term(*args, **kwargs):
+        value = compute_term(*args, **kwargs)
+        terms.append(float(value.detach()))
+        return value
+
+    hook = model.vlm.register_forward_pre_hook(vlm_inputs, with_kwargs=True)
+    model._compute_next_token_loss = recorded_term
+    try:
+        output = model(**batch)
+        output.loss.backward()
+    finally:
+        hook.remove()
+        del model._compute_next_token_loss
+    if len(terms) != 2:
+        raise RuntimeError(f"expected the reference's loss to be two terms (future_traj, others), got {len(terms)}")
+    labels = torch.from_numpy(record["vlm"]["labels"])
+    from alpamayo_jax.processing.training_prompt import IGNORE_INDEX
+
+    supervised = labels[:, 1:] != IGNORE_INDEX
+    logits = output.logits.detach().to(torch.float32)[:, :-1][supervised].numpy().copy()
+    gradients, missing = {}, []
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        if parameter.grad is None:
+            missing.append(name)
+        else:
+            gradients[name] = parameter.grad.detach().to(torch.float32).numpy().copy()
+    if missing:
+        notes.append(f"reference: {len(missing)} trainable parameter(s) got no gradient: {', '.join(missing[:5])}")
+    return Stage1ReferenceRun(loss=float(output.loss.detach()), terms=dict(zip(("future_traj", "others"), terms)),
+                              gradients=gradients, vlm_inputs=record["vlm"], supervised_logits=logits, notes=notes)
+
+
 def _missing_row(stage: str, tolerance: float) -> StageError:
     return StageError(stage, math.inf, math.inf, tolerance)
 
@@ -438,7 +626,7 @@ def _missing_row(stage: str, tolerance: float) -> StageError:
 def verify_stage2(model_dir: str | Path, examples: Sequence[str | Path], *, processor_dir: str | Path,
                   reference_src: str | Path | None, flow_timesteps: np.ndarray, flow_noise: np.ndarray,
                   expert_attention: str = "reference", actions: str = "reference",
-                  hf_dir: str | Path | None = None, tolerance: float = 1e-4) -> Stage2Report:
+                  hf_dir: str | Path | None = None, tolerance: float = 1e-4) -> TrainingReport:
     """The same batch (the clip files `examples`, in order) through NVIDIA's stage-2 training code
     and through `stage2_gradients`, with the flow draws `flow_timesteps` (B,) and `flow_noise`
     (B, W, 2) injected into both; per-tensor errors max |ours - theirs| / max |theirs| for the batch,
@@ -452,7 +640,6 @@ def verify_stage2(model_dir: str | Path, examples: Sequence[str | Path], *, proc
     import jax.numpy as jnp
 
     from alpamayo_jax.inference.pipeline import Pipeline
-    from alpamayo_jax.io.bundle import is_bundle
     from alpamayo_jax.nn.module_jit import module_jit
     from alpamayo_jax.processing.collate import collate
     from alpamayo_jax.training.data import load_training_clips
@@ -469,11 +656,7 @@ def verify_stage2(model_dir: str | Path, examples: Sequence[str | Path], *, proc
         raise ValueError(f"expert_attention must be one of {EXPERT_ATTENTION_MODES}, got {expert_attention!r}")
     if actions not in ACTION_MODES:
         raise ValueError(f"actions must be one of {ACTION_MODES}, got {actions!r}")
-    if hf_dir is None:
-        if is_bundle(model_dir):
-            raise ValueError(f"{model_dir} is a bundle: the reference needs the Hugging Face checkpoint it was "
-                             "converted from (hf_dir / --hf-dir)")
-        hf_dir = model_dir
+    hf_dir = _reference_checkpoint(model_dir, hf_dir)
     clips = load_training_clips(list(examples))
     flow_timesteps = np.asarray(flow_timesteps, np.float32)
     flow_noise = np.asarray(flow_noise, np.float32)
@@ -505,21 +688,97 @@ def verify_stage2(model_dir: str | Path, examples: Sequence[str | Path], *, proc
         compare("prediction", aux.prediction, reference.prediction, tolerance),
         compare("loss", loss, reference.loss, tolerance),
     ]
-    for key in sorted(reference.gradients.keys() | gradients.keys()):
-        if key not in gradients:
-            errors.append(_missing_row(f"grad {key} (not trained by ours)", tolerance))
-        elif key not in reference.gradients:
-            errors.append(_missing_row(f"grad {key} (not trained by the reference)", tolerance))
-        else:
-            errors.append(compare(f"grad {key}", gradients[key], reference.gradients[key], tolerance))
+    errors += _gradient_rows(gradients, reference.gradients, tolerance)
     notes = [*reference.notes,
              f"ours: expert_attention={expert_attention!r}, clean actions from "
              + ("the reference (its traj_to_action)" if actions == "reference" else "our traj_to_action"),
              f"loss: ours {loss:.7g}, reference {reference.loss:.7g}"]
-    return Stage2Report(errors=errors, notes=notes, loss=loss, reference=reference)
+    return TrainingReport(errors=errors, notes=notes, loss=loss, reference=reference)
 
 
-def report_json(report: Stage2Report) -> str:
+def _gradient_rows(ours: dict[str, np.ndarray], theirs: dict[str, np.ndarray], tolerance: float) -> list[StageError]:
+    """One row per parameter either side trains; a parameter only one side trains is a failed row."""
+    rows = []
+    for key in sorted(theirs.keys() | ours.keys()):
+        if key not in ours:
+            rows.append(_missing_row(f"grad {key} (not trained by ours)", tolerance))
+        elif key not in theirs:
+            rows.append(_missing_row(f"grad {key} (not trained by the reference)", tolerance))
+        else:
+            rows.append(compare(f"grad {key}", ours[key], theirs[key], tolerance))
+    return rows
+
+
+def verify_stage1(model_dir: str | Path, examples: Sequence[str | Path], *, processor_dir: str | Path,
+                  reference_src: str | Path | None, hf_dir: str | Path | None = None,
+                  tolerance: float = 1e-4) -> TrainingReport:
+    """The same batch (the clip files `examples`, in order; with or without Chain-of-Causation text)
+    through NVIDIA's stage-1 training code and through `stage1_gradients`: per-tensor errors
+    max |ours - theirs| / max |theirs| of the batch (ids with history and future fused, labels,
+    attention mask, image grid exactly; pixels), the logits at the supervised positions, the loss
+    and its two terms, and every VLM parameter's gradient.
+
+    `model_dir` is ours (a bundle or a Hugging Face checkpoint); the reference loads `hf_dir`
+    (default `model_dir`, which must then be a Hugging Face checkpoint). Raises
+    `ReferenceUnavailable` when the reference tree or its dependencies are missing (before
+    anything loads)."""
+    import jax
+    import jax.numpy as jnp
+
+    from alpamayo_jax.inference.pipeline import Pipeline
+    from alpamayo_jax.nn.module_jit import module_jit
+    from alpamayo_jax.processing.collate import collate
+    from alpamayo_jax.training.data import check_cot_texts, load_training_clips
+    from alpamayo_jax.training.stage1 import stage1_gradients, stage1_loss, supervised_logits
+
+    check_reference(reference_src)
+    hf_dir = _reference_checkpoint(model_dir, hf_dir)
+    clips = load_training_clips(list(examples))
+    reference = reference_stage1(hf_dir, clips, processor_dir=processor_dir, reference_src=reference_src)
+
+    jax.config.update("jax_default_matmul_precision", "highest")
+    pipeline = Pipeline.load(model_dir, dtype=jnp.float32, processor_dir=processor_dir)
+    check_cot_texts(clips, pipeline.tokenizer)
+    batch = collate(clips, tokenizer=pipeline.tokenizer, chat_template=pipeline.chat_template,
+                    config=pipeline.config)
+    inputs, labels = batch.fused_inputs(), batch.labels()
+    terms, gradients = stage1_gradients(pipeline.model, inputs, labels)
+    _, (_, aux) = module_jit(stage1_loss)(pipeline.split, inputs, jnp.asarray(labels))
+
+    exact = 0.0
+    theirs = reference.vlm_inputs
+    errors = [
+        compare("batch input_ids (history and future fused)", inputs.input_ids, theirs["input_ids"], exact),
+        compare("batch labels", labels, theirs["labels"], exact),
+        compare("batch attention_mask", inputs.attention_mask, theirs["attention_mask"], exact),
+        compare("batch image_grid_thw", np.asarray(inputs.image_grid), theirs["image_grid_thw"], exact),
+        compare("batch pixel_values", inputs.pixel_values, theirs["pixel_values"], tolerance),
+        compare("logits at the supervised positions", np.concatenate(supervised_logits(aux)),
+                reference.supervised_logits, tolerance),
+        compare("loss.future_traj", terms["loss.future_traj"], reference.terms["future_traj"], tolerance),
+        compare("loss.others", terms["loss.others"], reference.terms["others"], tolerance),
+        compare("loss", terms["loss"], reference.loss, tolerance),
+        *_gradient_rows(gradients, reference.gradients, tolerance),
+    ]
+    ours = (f"loss: ours {terms['loss']:.7g} (future_traj {terms['loss.future_traj']:.7g} + others "
+            f"{terms['loss.others']:.7g}), reference {reference.loss:.7g}")
+    notes = [*reference.notes, ours]
+    return TrainingReport(errors=errors, notes=notes, loss=terms["loss"], reference=reference)
+
+
+def _reference_checkpoint(model_dir: str | Path, hf_dir: str | Path | None) -> str | Path:
+    """What the reference loads: `hf_dir`, else `model_dir` when that is a Hugging Face checkpoint."""
+    from alpamayo_jax.io.bundle import is_bundle
+
+    if hf_dir is not None:
+        return hf_dir
+    if is_bundle(model_dir):
+        raise ValueError(f"{model_dir} is a bundle: the reference needs the Hugging Face checkpoint it was converted "
+                         "from (hf_dir / --hf-dir)")
+    return model_dir
+
+
+def report_json(report: TrainingReport) -> str:
     """The report as JSON (a missing gradient's infinite errors as null)."""
     def finite(value: float) -> float | None:
         return value if math.isfinite(value) else None

@@ -92,9 +92,13 @@ def test_ready_is_false_until_warm_then_true(server, client):
     assert statuses[0] == (503, False, "starting")
     assert (503, False, "warming up") in statuses
     assert all(code == 503 and not ready for code, ready, _ in statuses)
+    # NIM's health body: object and message always, an error object on 503.
+    assert all(body["object"] == "health.response" and "not ready" in body["error"]["message"]
+               for _, body in server.readiness)
     assert server.cold_infer.status_code == 503 and "not ready (warming up)" in server.cold_infer.json()["error"]
     response = client.get("/v1/health/ready")
     assert response.status_code == 200 and response.json()["ready"] is True
+    assert response.json()["object"] == "health.response" and response.json()["message"]
     assert client.get("/v1/health/live").json()["live"] is True
 
 
@@ -121,11 +125,17 @@ def test_other_spellings_of_the_same_request_give_the_same_result(client, clip, 
     # Cameras in another order, named by camera_order; egomotion rows as objects; JPEG data URLs.
     order = [3, 1, 0, 2]
     shuffled = dict(payload, images=[payload["images"][4 * c + f] for c in order for f in range(4)],
-                    camera_order=["front_tele", "camera_front_wide_120fov", "cross_left_120fov", "cross_right"],
-                    num_frames_per_camera=4)
-    assert post(client, shuffled).json()["trajectories"] == reference
+                    camera_order=["front_tele", "camera_front_wide_120fov", "cross_left_120fov", "cross_right"])
+    assert post(client, shuffled).json()["trajectories"] == reference  # num_frames_per_camera: NIM's default 4
     rows = [dict(zip(("x", "y", "z", "qx", "qy", "qz", "qw"), row, strict=True)) for row in payload["egomotion"]]
     assert post(client, dict(payload, egomotion=rows)).json()["trajectories"] == reference
+    # NIM's egomotion object: positions and quaternions [w, x, y, z], or rotation matrices.
+    nim_form = {"ego_history_xyz": [row[:3] for row in payload["egomotion"]],
+                "ego_history_rot": [[row[6], *row[3:6]] for row in payload["egomotion"]]}
+    assert post(client, dict(payload, egomotion=nim_form)).json()["trajectories"] == reference
+    matrices = dict(nim_form, ego_history_rot=clip.ego_history_rot.tolist())
+    answer = post(client, dict(payload, egomotion=matrices)).json()
+    np.testing.assert_allclose(answer["trajectories"], reference, rtol=0, atol=1e-5)  # no quaternion round trip
     jpeg = nim_payload(synthetic_clip(3, image_size=(180, 320)), fmt="JPEG", data_url=True, seed=SEED)
     response = post(client, jpeg)
     assert response.status_code == 200 and np.isfinite(response.json()["trajectories"]).all()
@@ -168,8 +178,14 @@ def _malformed(payload):
         ("no egomotion", {k: v for k, v in payload.items() if k != "egomotion"}, 422, "egomotion"),
         ("unknown camera", dict(payload, camera_order=["cross_left", "rear_left", "cross_right", "front_tele"],
                                 num_frames_per_camera=4), 422, "camera_order[1]"),
-        ("camera_order alone", dict(payload, camera_order=["cross_left", "front_wide", "cross_right", "front_tele"]),
-         422, "num_frames_per_camera"),
+        ("NIM egomotion without rotations", dict(payload, egomotion={"ego_history_xyz": [r[:3] for r in rows]}), 422,
+         "egomotion: missing key(s) ['ego_history_rot']"),
+        ("NIM egomotion, 15 positions", dict(payload, egomotion={"ego_history_xyz": [r[:3] for r in rows[1:]],
+                                                                 "ego_history_rot": [[1, 0, 0, 0]] * 16}), 422,
+         "egomotion.ego_history_xyz: expected 16 positions"),
+        ("NIM egomotion, scaled quaternion", dict(payload, egomotion={"ego_history_xyz": [r[:3] for r in rows],
+                                                                      "ego_history_rot": [[2, 0, 0, 0]] * 16}), 422,
+         "egomotion.ego_history_rot[0]: [w, x, y, z] must be a unit quaternion"),
         ("2 frames per camera", dict(payload, images=images[:8], num_frames_per_camera=2,
                                      camera_order=["cross_left", "front_wide", "cross_right", "front_tele"]), 422,
          "num_frames_per_camera"),
@@ -259,6 +275,7 @@ def test_health_answers_while_the_model_is_busy(server, client, payload, monkeyp
 def test_models_and_metrics(client, payload):
     models = client.get("/v1/models").json()
     assert models["object"] == "list" and models["data"][0]["id"] == "alpamayo-r1"
+    assert {"created", "owned_by", "backend", "checkpoint"} <= set(models["data"][0])  # NIM's model card
     response = client.get("/v1/metrics")
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain; version=0.0.4")
     text = response.text

@@ -312,7 +312,7 @@ def _decode_fn(model: AlpamayoR1, cache, first_logits, rope_deltas, key, prompt_
     """The decode loop; the rollout's keys are made inside the program: `derive_key(key)`, expanded
     to one key per row with `samples_per_key`."""
     key = key if derive_key is None else derive_key(key)
-    key = key if samples_per_key is None else row_keys(key, samples_per_key)
+    key = key if samples_per_key is None else row_keys(key.reshape(-1), samples_per_key)  # () -> (1,)
     return decode(_language_model_step(model.vlm), cache, first_logits, rope_deltas, key, config=config,
                   prompt_stop_index=prompt_stop_index)
 
@@ -336,7 +336,7 @@ def generate(
 
     One key draws for the whole batch. A (C,) array of keys gives each clip its own: row
     (c, s) then draws from fold_in(key[c], s) (`row_keys`), so a clip's result does not depend on
-    the clips it is batched with. `derive_key`, a module-level function that keeps the key's
+    the clips it is batched with. For one clip the two agree: its one key is its clip's key. `derive_key`, a module-level function that keeps the key's
     shape (static: part of the compiled program), is applied to `key` first, inside the decode
     program (the pipeline splits its run key there, so that no PRNG op runs on its own).
 
@@ -349,17 +349,16 @@ def generate(
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     if config.sampling.do_sample and key is None:
         raise ValueError("sampling needs a PRNG key")
-    samples_per_key = None
-    if key is not None and key.ndim == 1:
-        if key.shape != (inputs.num_clips,):
-            raise ValueError(f"one key per clip: expected ({inputs.num_clips},) keys, got {key.shape}")
-        samples_per_key = num_samples
-    elif key is not None and key.ndim != 0:
+    if key is None:  # greedy without a key: any key serves, and the program is the one a key gets
+        key, derive_key = jax.random.key(0), None
+    if key.ndim == 1 and key.shape != (inputs.num_clips,):
+        raise ValueError(f"one key per clip: expected ({inputs.num_clips},) keys, got {key.shape}")
+    if key.ndim > 1:
         raise ValueError(f"key must be one PRNG key or (clips,) keys, got shape {key.shape}")
+    # Per-clip keys, or one clip (its key is its clip's key): one key per row.
+    samples_per_key = num_samples if key.ndim == 1 or inputs.num_clips == 1 else None
     capacity = inputs.prompt_length + config.max_new_tokens - 1
     cache, first_logits, rope_deltas, prompt_stop_index = prefill(
         model, inputs, capacity=capacity, num_samples=num_samples, stop_token_id=config.stop_after_token_id)
-    if key is None:  # greedy without a key: any key serves, and the program is the one a key gets
-        key, derive_key = jax.random.key(0), None
     return decode_rollout(model, cache, first_logits, rope_deltas, key, prompt_stop_index, config=config,
                           derive_key=derive_key, samples_per_key=samples_per_key)

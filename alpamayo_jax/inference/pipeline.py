@@ -39,7 +39,7 @@ from alpamayo_jax.processing.chat_template import load_chat_template
 from alpamayo_jax.processing.clip import Clip
 from alpamayo_jax.processing.model_inputs import ModelInputs, prepare_inputs
 from alpamayo_jax.processing.tokenizer import ExtendedTokenizer, build_tokenizer, extract_cot, load_tokenizer
-from alpamayo_jax.sharding import constrain, to_host
+from alpamayo_jax.sharding import constrain, sharding_for, to_host
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,7 +185,9 @@ def sample_from_inputs(
     steps and token budget, the reference's sampling. The same key gives the same result, with or
     without a mesh. `key` is one PRNG key for the batch, or a (C,) array of keys, one per clip,
     so that a clip's tokens and noise depend on its own key only (not on its batch; float rounding
-    aside). Rows are clip-major (row = clip * S + sample), which is also the order of
+    aside). For a single clip the two are one (`generate`): its one key is its clip's key, so a
+    clip run alone with key k gives what it gives in any batch of per-clip keys where its key is k
+    (the server batches requests this way). Rows are clip-major (row = clip * S + sample), which is also the order of
     `noise`. On a mesh the C * S rows must divide over its data axis (`ShardingError` otherwise)."""
     config = pipeline.config
     settings = InferenceConfig.from_model(config) if settings is None else settings
@@ -196,6 +198,8 @@ def sample_from_inputs(
     if key.ndim not in (0, 1) or (key.ndim == 1 and key.shape != (clips,)):
         raise ValueError(f"key must be one PRNG key or ({clips},) keys, one per clip; got shape {key.shape}")
     noise = None if noise is None else check_noise(noise, rows, waypoints)
+    if pipeline.mesh is not None:  # before anything compiles
+        sharding_for(pipeline.mesh, (rows,), ("batch",), name=f"rows (clips x samples = {clips} x {num_samples})")
     generation_config = settings.generation_config(config, pad_token_id=pipeline.tokenizer.pad_token_id)
     with pipeline.on_mesh():
         result = generate(pipeline.split, inputs, config=generation_config, key=key, num_samples=num_samples,

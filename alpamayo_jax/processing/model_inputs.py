@@ -137,6 +137,30 @@ def check_inputs(inputs: ModelInputs) -> None:
     chex.assert_type([inputs.pixel_values, inputs.ego_history_xyz, inputs.ego_history_rot], np.float32)
 
 
+def concat_inputs(parts: Sequence[ModelInputs]) -> ModelInputs:
+    """The prepared inputs of several batches of clips as one batch, in order. Their prompts must
+    have one length (as the clips of one image size do): a prepared row is not padded again."""
+    if not parts:
+        raise PromptError("no inputs to concatenate")
+    lengths = sorted({part.prompt_length for part in parts})
+    if len(lengths) > 1:
+        raise PromptError(f"prepared inputs of prompt lengths {lengths} cannot share a batch; prepare their clips "
+                          "together instead (Pipeline.prepare pads them)")
+    if len(parts) == 1:
+        return parts[0]
+
+    def joined(name: str, axis: int = 0) -> np.ndarray:
+        return np.concatenate([getattr(part, name) for part in parts], axis=axis)
+
+    inputs = ModelInputs(
+        input_ids=joined("input_ids"), attention_mask=joined("attention_mask"), pixel_values=joined("pixel_values"),
+        position_ids=joined("position_ids", axis=1), rope_deltas=joined("rope_deltas"),
+        ego_history_xyz=joined("ego_history_xyz"), ego_history_rot=joined("ego_history_rot"),
+        image_grid=tuple(entry for part in parts for entry in part.image_grid))
+    check_inputs(inputs)
+    return inputs
+
+
 def left_pad(prompts: Sequence[np.ndarray], pad_token_id: int | None) -> tuple[np.ndarray, np.ndarray]:
     """Token id rows of different lengths -> (C, L) ids padded on the left with `pad_token_id`
     and the (C, L) bool mask of the real tokens, as the reference's collate pads a batch."""

@@ -80,6 +80,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     serving.add_argument("--warmup-size", type=_warmup_size, action="append", metavar="HxW",
                          help=f"frame size to compile before ready, repeatable (default: {DEFAULT_WARMUP_SIZE}; "
                               "sizes of one aspect ratio share one compilation)")
+    serving.add_argument("--max-batch-clips", type=int, default=1, metavar="N",
+                         help="run up to N waiting requests of the same shape and settings as one batch, each with "
+                              "its own seed's key, so results do not depend on the load (default: 1, no batching; "
+                              "warm-up compiles batches of 1, 2, 4, ... N)")
     serving.add_argument("--grpc-workers", type=int, default=8, help="egodriver handler threads (default: 8)")
     serving.add_argument("--shutdown-grace", type=float, default=30.0,
                          help="seconds queued requests may still run after SIGTERM (default: 30)")
@@ -101,6 +105,8 @@ def main(args: argparse.Namespace) -> int:
         return 1
     if args.grpc_workers < 1:
         raise ValueError(f"--grpc-workers must be >= 1, got {args.grpc_workers}")
+    if args.max_batch_clips < 1:
+        raise ValueError(f"--max-batch-clips must be >= 1, got {args.max_batch_clips}")
     if args.shutdown_grace < 0:
         raise ValueError(f"--shutdown-grace must be >= 0, got {args.shutdown_grace}")
     camera_map = CameraMap.parse(args.camera_map)
@@ -119,6 +125,7 @@ def main(args: argparse.Namespace) -> int:
         host=args.host, http_port=args.http_port, alpasim_port=args.alpasim_port, alpasim_mode=args.alpasim_mode,
         grpc_workers=args.grpc_workers, camera_map=camera_map,
         warmup_sizes=tuple(args.warmup_size or [_warmup_size(DEFAULT_WARMUP_SIZE)]),
+        max_batch_clips=args.max_batch_clips,
         model_name=args.served_model_name or Path(args.model).resolve().name, default_seed=args.seed,
         shutdown_grace_s=args.shutdown_grace)
     return Server(config, load=lambda: cli._load_pipeline(args), settings=settings).run()

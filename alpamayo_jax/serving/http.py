@@ -1,10 +1,12 @@
 """The HTTP API (FastAPI): NIM's trajectory endpoint and its service endpoints.
 
     POST /v1/infer          trajectories for one clip (`alpamayo_jax.serving.nim`)
-    GET  /v1/health/ready   200 {"ready": true} once warm; 503 {"ready": false, "status": ...} before
-                            (loading, warming up) and while stopping
+    GET  /v1/health/ready   200 once warm, 503 before (loading, warming up) and while stopping; NIM's
+                            body ({"object": "health.response", "message", "status"}; on 503 an
+                            "error" object) with "ready": true / false
     GET  /v1/health/live    200 while the process serves
-    GET  /v1/models         the served model, OpenAI style
+    GET  /v1/models         the served model, OpenAI style with NIM's card fields (backend
+                            "jax", checkpoint "default")
     GET  /v1/metrics        Prometheus text: request counts, latency histograms per stage
 
 Errors are JSON {"error": "<field>: <what is wrong>", "detail": [{"loc", "msg", "type"}...]}: 422 for
@@ -193,8 +195,11 @@ def create_app(state: ServingState) -> FastAPI:
     @app.get("/v1/health/ready")
     async def ready():
         if state.ready:
-            return {"ready": True, "status": "ready"}
-        return JSONResponse({"ready": False, "status": state.phase}, status_code=503)
+            return {"object": "health.response", "message": "the model is warm and serving", "status": "ready",
+                    "ready": True}
+        message = f"the model is not ready ({state.phase})"
+        return JSONResponse({"object": "health.response", "message": message, "status": state.phase, "ready": False,
+                             "error": {"message": message, "type": "not_ready"}}, status_code=503)
 
     @app.get("/v1/health/live")
     async def live():
@@ -203,7 +208,8 @@ def create_app(state: ServingState) -> FastAPI:
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": state.model_name, "object": "model", "created": state.created,
-                                            "owned_by": "alpamayo-jax", "ready": state.ready}]}
+                                            "owned_by": "alpamayo-jax", "backend": "jax", "checkpoint": "default",
+                                            "ready": state.ready}]}
 
     @app.get("/v1/metrics")
     async def prometheus():

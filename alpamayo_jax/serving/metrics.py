@@ -26,6 +26,8 @@ FAMILIES = {
     "alpamayo_stage_seconds": ("histogram", ("Seconds per stage of an inference request (decode_images, "
                                              "ego_history, prepare_inputs, queue_wait, generate, flow_matching, "
                                              "rollout, decode_text, total), by source"), ("source", "stage")),
+    "alpamayo_inference_batches_total": ("counter", "Batches the inference worker ran, by the number of requests "
+                                         "in them", ("clips",)),
     "alpamayo_alpasim_drives_total": ("counter", "AlpaSim drive calls answered, by outcome (plan, hold, error)",
                                       ("outcome",)),
     "alpamayo_alpasim_sessions": ("gauge", "AlpaSim sessions open", ()),

@@ -8,20 +8,24 @@ API reference and "Sampling Control"):
                             first. Without camera_order: 16 images, 4 cameras x 4 frames in the order
                             cross_left, front_wide, cross_right, front_tele; any other count is a 422.
     camera_order            camera names in the images' order (full `camera_front_wide_120fov`,
-                            `front_wide_120fov` or NIM's short `front_wide`); with it,
-    num_frames_per_camera   is required too. This model takes its 4 cameras x 4 frames: other
-                            layouts (NIM's reduced ones) are a 422 naming the field.
+                            `front_wide_120fov` or NIM's short `front_wide`);
+    num_frames_per_camera   default 4. This model takes its 4 cameras x 4 frames: other layouts
+                            (NIM's reduced ones) are a 422 naming the field.
     egomotion               16 poses, 0.1 s apart, oldest first, ending at t0, in the ego frame at
-                            t0 (x forward, y left, z up, metres): each row [x, y, z, qx, qy, qz, qw]
-                            or {"x", "y", "z", "qx", "qy", "qz", "qw"}; the quaternion is the pose's
-                            orientation in that frame (unit length). The last position must be the
-                            origin.
-    num_traj_samples, temperature, top_p, top_k, seed, max_generation_length
+                            t0 (x forward, y left, z up, metres), in NIM's form: an object
+                            {"ego_history_xyz": 16 x [x, y, z], "ego_history_rot": 16 quaternions
+                            [w, x, y, z] or 16 3 x 3 rotation matrices}; or as 16 rows, each
+                            [x, y, z, qx, qy, qz, qw] or {"x", "y", "z", "qx", "qy", "qz", "qw"}
+                            (quaternion last, scalar last). A quaternion is the pose's orientation
+                            in that frame (unit length). The last position must be the origin.
+    num_traj_samples        1 ... 32 (NIM's range);
+    temperature, top_p, top_k, seed, max_generation_length
                             per-request sampling; each defaults to the server's (`serve` flags).
     mode                    "trajectory" only; "answer" / "both", `question` and `nav_text` are
                             NIM fields this model does not serve: 422, naming them.
 
-Any other field is a 422. The response carries, per sample, the trajectory (64 x [x, y, z] in the
+Any other field is a 422. NIM's documentation of API 1.0.0 that this module could be checked
+against stops short of the response schema, so the response is this server's own: it carries, per sample, the trajectory (64 x [x, y, z] in the
 t0 ego frame, waypoints t0 + 0.1 ... t0 + 6.4 s), its rotations (64 x 3 x 3) and Chain-of-Causation
 text, plus the actions, generated token ids, seed, settings, per-stage timings and `warnings`
 (non-fatal input caveats).
@@ -44,7 +48,7 @@ from alpamayo_jax.processing.clip import CAMERA_NAMES, FRAME_TIMESTAMPS, Clip, C
 from alpamayo_jax.serving.cameras import model_camera_name
 from alpamayo_jax.serving.dependencies import require
 from alpamayo_jax.serving.images import ImageError, decode_base64_image
-from alpamayo_jax.serving.poses import check_unit_quaternions, quaternion_to_matrix
+from alpamayo_jax.serving.poses import QUATERNION_TOLERANCE, check_unit_quaternions, quaternion_to_matrix
 
 require("pydantic")
 from pydantic import BaseModel, ConfigDict, Field
@@ -52,7 +56,8 @@ from pydantic import BaseModel, ConfigDict, Field
 NUM_FRAMES = len(FRAME_TIMESTAMPS)
 NUM_HISTORY = 16
 MAX_SEED = 2**32 - 1  # JAX keeps 32 bits of an integer seed
-MAX_TRAJ_SAMPLES = 64
+MAX_TRAJ_SAMPLES = 32  # NIM's documented range
+NIM_EGOMOTION_KEYS = ("ego_history_xyz", "ego_history_rot")
 MAX_GENERATION_LENGTH = 4096
 POSE_KEYS = ("x", "y", "z", "qx", "qy", "qz", "qw")
 UNSUPPORTED = {  # NIM fields of other modes, which this model does not serve
@@ -74,8 +79,9 @@ class InferRequest(BaseModel):
     mode: Literal["trajectory", "answer", "both"] = "trajectory"
     camera_order: list[str] | None = None
     num_frames_per_camera: int | None = Field(None, ge=1)
-    egomotion: list[Any] | None = Field(None, description="16 poses [x, y, z, qx, qy, qz, qw], t0 ego frame, "
-                                                          "oldest first")
+    egomotion: dict[str, Any] | list[Any] | None = Field(
+        None, description="16 poses, t0 ego frame, oldest first: {ego_history_xyz, ego_history_rot} or rows "
+                          "[x, y, z, qx, qy, qz, qw]")
     num_traj_samples: int | None = Field(None, ge=1, le=MAX_TRAJ_SAMPLES)
     temperature: float | None = Field(None, gt=0)
     top_p: float | None = Field(None, gt=0, le=1)
@@ -209,9 +215,7 @@ def _layout(request: InferRequest) -> tuple[tuple[str, ...], int]:
     if missing:
         raise RequestError((("camera_order",), (f"this model needs all of its cameras ({expected_layout}); "
                                                f"missing {missing}")))
-    if request.num_frames_per_camera is None:
-        raise RequestError((("num_frames_per_camera",), "required with camera_order"))
-    if request.num_frames_per_camera != NUM_FRAMES:
+    if request.num_frames_per_camera not in (None, NUM_FRAMES):
         raise RequestError((("num_frames_per_camera",), (f"this model takes {NUM_FRAMES} frames per camera "
                                                         f"(t0 - 0.3 s ... t0), got {request.num_frames_per_camera}")))
     if count != len(names) * NUM_FRAMES:
@@ -231,8 +235,11 @@ def _number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _egomotion(rows: list) -> tuple[np.ndarray, np.ndarray]:
-    """(T, 3) float32 positions and (T, 3, 3) float32 rotations of the egomotion rows."""
+def _egomotion(value: dict | list) -> tuple[np.ndarray, np.ndarray]:
+    """(T, 3) float32 positions and (T, 3, 3) float32 rotations of the egomotion (either form)."""
+    if isinstance(value, dict):
+        return _nim_egomotion(value)
+    rows = value
     if len(rows) != NUM_HISTORY:
         raise RequestError((("egomotion",), (f"expected {NUM_HISTORY} poses (t0 - 1.5 s ... t0, 0.1 s apart, oldest "
                                             f"first), got {len(rows)}")))
@@ -263,6 +270,51 @@ def _egomotion(rows: list) -> tuple[np.ndarray, np.ndarray]:
         index = int(message.split("[", 1)[1].split("]", 1)[0])
         raise RequestError((("egomotion", index), message.split(": ", 1)[1])) from None
     return values[:, :3].astype(np.float32), quaternion_to_matrix(quaternions).astype(np.float32)
+
+
+def _numbers(value, shape: tuple[int, ...], loc: tuple) -> np.ndarray | None:
+    """`value` as a float64 array of `shape` if it is nested lists of finite JSON numbers of that
+    shape; None if its shape differs; raises `RequestError` at the first non-number."""
+    if not shape:
+        if not _number(value):
+            raise RequestError((loc, f"expected a number, got {type(value).__name__}"))
+        if not math.isfinite(value):
+            raise RequestError((loc, f"expected a finite number, got {value}"))
+        return np.float64(value)
+    if not isinstance(value, list) or len(value) != shape[0]:
+        return None
+    items = [_numbers(item, shape[1:], (*loc, index)) for index, item in enumerate(value)]
+    return None if any(item is None for item in items) else np.asarray(items, np.float64)
+
+
+def _nim_egomotion(value: dict) -> tuple[np.ndarray, np.ndarray]:
+    """NIM's egomotion object: 16 positions, and 16 quaternions (w, x, y, z) or 3 x 3 matrices."""
+    unknown = sorted(set(value) - set(NIM_EGOMOTION_KEYS))
+    missing = [key for key in NIM_EGOMOTION_KEYS if key not in value]
+    if unknown or missing:
+        problem = f"unknown key(s) {unknown}" if unknown else f"missing key(s) {missing}"
+        raise RequestError((("egomotion",), f"{problem}; expected an object with exactly the keys "
+                                            f"{', '.join(NIM_EGOMOTION_KEYS)}"))
+    xyz = _numbers(value["ego_history_xyz"], (NUM_HISTORY, 3), ("egomotion", "ego_history_xyz"))
+    if xyz is None:
+        raise RequestError((("egomotion", "ego_history_xyz"), f"expected {NUM_HISTORY} positions [x, y, z] "
+                                                              "(t0 - 1.5 s ... t0, oldest first)"))
+    loc = ("egomotion", "ego_history_rot")
+    quaternions = _numbers(value["ego_history_rot"], (NUM_HISTORY, 4), loc)
+    if quaternions is not None:
+        norms = np.linalg.norm(quaternions, axis=1)
+        bad = np.abs(norms - 1.0) > QUATERNION_TOLERANCE
+        if bad.any():
+            first = int(np.argmax(bad))
+            raise RequestError(((*loc, first), f"[w, x, y, z] must be a unit quaternion (|q| = 1 within "
+                                               f"{QUATERNION_TOLERANCE}), got |q| = {norms[first]:.6g}"))
+        xyzw = quaternions[:, [1, 2, 3, 0]] / norms[:, None]
+        return xyz.astype(np.float32), quaternion_to_matrix(xyzw).astype(np.float32)
+    matrices = _numbers(value["ego_history_rot"], (NUM_HISTORY, 3, 3), loc)
+    if matrices is None:
+        raise RequestError((loc, f"expected {NUM_HISTORY} quaternions [w, x, y, z] or {NUM_HISTORY} 3 x 3 rotation "
+                                 "matrices"))
+    return xyz.astype(np.float32), matrices.astype(np.float32)  # checked as rotations by Clip.create
 
 
 def response_body(samples: TrajectorySamples, *, model: str, seed: int, settings: InferenceConfig,

@@ -47,6 +47,7 @@ class ServeConfig:
     grpc_workers: int = 8
     camera_map: CameraMap = dataclasses.field(default_factory=CameraMap)
     warmup_sizes: tuple[tuple[int, int], ...] = DEFAULT_WARMUP_SIZES
+    max_batch_clips: int = 1  # waiting requests run together, up to this many (worker docstring)
     model_name: str = "alpamayo-r1"
     default_seed: int = 0
     max_body_bytes: int = MAX_BODY_BYTES
@@ -120,7 +121,7 @@ class Server:
         """Starts the worker and waits for its warm-up; returns its seconds."""
         self.state.phase = "warming up"
         worker = InferenceWorker(self.state.pipeline, self.state.settings, metrics=self.state.metrics,
-                                 warmup_sizes=self.config.warmup_sizes)
+                                 warmup_sizes=self.config.warmup_sizes, max_batch_clips=self.config.max_batch_clips)
         self.state.worker = worker
         worker.start()
         worker.wait_ready()

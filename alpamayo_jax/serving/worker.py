@@ -1,16 +1,23 @@
-"""The one inference thread: a FIFO queue of jobs run one at a time on the loaded pipeline, and the
-warm-up that compiles the served shapes before the server reports ready.
+"""The one inference thread: a FIFO queue of jobs run on the loaded pipeline, one batch at a time,
+and the warm-up that compiles the served shapes before the server reports ready.
 
 Requests (HTTP and AlpaSim alike) prepare their `ModelInputs` on their own threads (image resize,
 tokenization: host work that overlaps with the device) and `submit` them; the worker runs
-`sample_from_inputs` with the job's key and settings. Jobs are not merged into batches: a batch
-draws its tokens and noise from one key, so a request's result would depend on which requests
-shared its batch, and the same seed would no longer give the same trajectories as `infer`.
+`sample_from_inputs` with the job's seed and settings.
 
-The warm-up runs one synthetic clip per configured image size with the default settings, which
-compiles the prefill, decode loop, flow matching and rollout for those shapes. A request of
-another image aspect ratio, sample count, token budget or sampling setting compiles its own
-programs on first use (they are then cached).
+Batching (`max_batch_clips` > 1). When the worker takes the oldest job, it also takes the waiting
+jobs that can share its batch (same settings, same prompt length and image grid), up to
+`max_batch_clips`, and runs them as one batch with one PRNG key per clip, `key(seed)` of its own
+job. A request's result therefore does not depend on which requests shared its batch (float
+rounding aside): one clip run alone samples from its key the same way (`sample_from_inputs`), so
+the same seed gives the trajectories of `infer --seed` whatever the load. Batches are filled up to
+the next power of two (copies of the last clip, whose results are dropped) so that a few shapes
+serve every load.
+
+The warm-up runs one synthetic clip per configured image size (and each batch size) with the
+default settings, which compiles the prefill, decode loop, flow matching and rollout for those
+shapes. A request of another image aspect ratio, sample count, token budget or sampling setting
+compiles its own programs on first use (they are then cached).
 
 `close` stops taking jobs, lets the queued ones run until a deadline, then cancels the rest with
 `ServerStopping`; a job that is running always finishes.
@@ -18,19 +25,20 @@ programs on first use (they are then cached).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
-import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 
 import jax
+import jax.numpy as jnp
 
 from alpamayo_jax.inference.inference_config import InferenceConfig
 from alpamayo_jax.inference.pipeline import Pipeline, TrajectorySamples, sample_from_inputs
-from alpamayo_jax.processing.model_inputs import ModelInputs
+from alpamayo_jax.processing.model_inputs import ModelInputs, concat_inputs
 from alpamayo_jax.processing.synthetic import synthetic_clip
 from alpamayo_jax.serving.metrics import Metrics
 
@@ -55,21 +63,54 @@ class Job:
     enqueued: float  # time.perf_counter() at submit
 
 
+def batch_sizes(max_batch_clips: int) -> tuple[int, ...]:
+    """The batch sizes the worker runs: powers of two below `max_batch_clips`, and it."""
+    if max_batch_clips < 1:
+        raise ValueError(f"max_batch_clips must be >= 1, got {max_batch_clips}")
+    sizes = [1]
+    while sizes[-1] * 2 < max_batch_clips:
+        sizes.append(sizes[-1] * 2)
+    return (*sizes, max_batch_clips) if sizes[-1] != max_batch_clips else tuple(sizes)
+
+
+def _batchable(first: Job, other: Job) -> bool:
+    """Whether `other` runs the programs `first` runs (so the two can share a batch)."""
+    a, b = first.inputs, other.inputs
+    return (first.settings == other.settings and a.num_clips == b.num_clips == 1
+            and a.prompt_length == b.prompt_length and a.image_grid == b.image_grid)
+
+
+def _clip_samples(samples: TrajectorySamples, clip: int) -> TrajectorySamples:
+    """Clip `clip` of a batch's samples, as a batch of one."""
+    pick = slice(clip, clip + 1)
+    return dataclasses.replace(samples, xyz=samples.xyz[pick], rotation=samples.rotation[pick],
+                               actions=samples.actions[pick], generated_token_ids=samples.generated_token_ids[pick],
+                               num_generated_tokens=samples.num_generated_tokens[pick], cot=samples.cot[pick])
+
+
 class InferenceWorker:
-    """Runs inference jobs one at a time on `pipeline`, after warming it up (module docstring)."""
+    """Runs inference jobs on `pipeline`, in batches of up to `max_batch_clips` waiting requests,
+    after warming it up (module docstring)."""
 
     def __init__(self, pipeline: Pipeline, settings: InferenceConfig, *, metrics: Metrics | None = None,
-                 warmup_sizes: Sequence[tuple[int, int]] = DEFAULT_WARMUP_SIZES,
+                 warmup_sizes: Sequence[tuple[int, int]] = DEFAULT_WARMUP_SIZES, max_batch_clips: int = 1,
                  run: Callable[..., TrajectorySamples] = sample_from_inputs):
         self.pipeline = pipeline
         self.settings = settings
         self.metrics = metrics or Metrics()
         self.warmup_sizes = tuple(warmup_sizes)
+        self.batch_sizes = batch_sizes(max_batch_clips)
+        data = 1 if pipeline.mesh is None else pipeline.mesh.shape["data"]
+        uneven = [size for size in self.batch_sizes if size * settings.num_samples % data]
+        if uneven:  # a request of other settings is checked when it runs (sample_from_inputs)
+            raise ValueError(f"batches of {uneven} clip(s) x {settings.num_samples} samples do not divide over the "
+                             f"mesh's data axis of size {data}")
         self.warmup_seconds: float | None = None
         self._run = run
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._jobs: collections.deque[Job] = collections.deque()
+        self._closing = False
         self._pending = 0
-        self._lock = threading.Lock()
+        self._lock = threading.Condition()
         self._accepting = True
         self._cancel_queued = False
         self._ready = threading.Event()
@@ -100,10 +141,11 @@ class InferenceWorker:
         short, so it may still be finishing)."""
         with self._lock:
             self._accepting = False
+            self._closing = True
+            self._lock.notify_all()
         if not self._thread.is_alive():
             self._cancel_all()
             return True
-        self._queue.put(None)
         self._thread.join(timeout)
         if self._thread.is_alive():
             logger.warning("inference queue not drained after %.0f s; cancelling the jobs still waiting", timeout)
@@ -128,7 +170,8 @@ class InferenceWorker:
             if not self._accepting:
                 raise ServerStopping("the server is stopping and takes no new inference requests")
             self._pending += 1
-            self._queue.put(job)
+            self._jobs.append(job)
+            self._lock.notify()
         return job.future
 
     def run(self, inputs: ModelInputs, *, seed: int, settings: InferenceConfig | None = None,
@@ -148,57 +191,81 @@ class InferenceWorker:
             self._cancel_all()
             return
         self._ready.set()
-        while True:
-            job = self._queue.get()
-            if job is None:
-                break
-            with self._lock:
-                self._pending -= 1
+        while (batch := self._next_batch()) is not None:
             if self._cancel_queued:
-                job.future.set_exception(ServerStopping("the server stopped before this request ran"))
-                self.metrics.inc("alpamayo_inference_requests_total", source=job.source, outcome="cancelled")
+                for job in batch:
+                    job.future.set_exception(ServerStopping("the server stopped before this request ran"))
+                    self.metrics.inc("alpamayo_inference_requests_total", source=job.source, outcome="cancelled")
                 continue
-            self._execute(job)
+            self._execute(batch)
         self._cancel_all()
 
-    def _execute(self, job: Job) -> None:
-        if not job.future.set_running_or_notify_cancel():
+    def _next_batch(self) -> list[Job] | None:
+        """The oldest job and the waiting jobs that can share its batch (FIFO otherwise); None once
+        closing and nothing waits."""
+        with self._lock:
+            while not self._jobs and not self._closing:
+                self._lock.wait()
+            if not self._jobs:
+                return None
+            batch = [self._jobs.popleft()]
+            for job in list(self._jobs):
+                if len(batch) == self.batch_sizes[-1]:
+                    break
+                if _batchable(batch[0], job):
+                    self._jobs.remove(job)
+                    batch.append(job)
+            self._pending -= len(batch)
+        return batch
+
+    def _execute(self, batch: list[Job]) -> None:
+        batch = [job for job in batch if job.future.set_running_or_notify_cancel()]
+        if not batch:
             return
         started = time.perf_counter()
-        wait = started - job.enqueued
+        settings = batch[0].settings
         try:
-            samples = self._run(self.pipeline, job.inputs, jax.random.key(job.seed), job.settings)
-        except Exception as error:  # the caller reports it; the worker keeps serving
-            logger.exception("inference failed (%s request)", job.source)
-            self.metrics.inc("alpamayo_inference_requests_total", source=job.source, outcome="error")
-            job.future.set_exception(error)
+            if len(batch) == 1:
+                inputs, seeds = batch[0].inputs, [batch[0].seed]
+            else:
+                size = next(size for size in self.batch_sizes if size >= len(batch))
+                fill = [batch[-1]] * (size - len(batch))  # fill-up rows, results dropped
+                inputs = concat_inputs([job.inputs for job in batch + fill])
+                seeds = [job.seed for job in batch + fill]
+            keys = jnp.stack([jax.random.key(seed) for seed in seeds])
+            samples = self._run(self.pipeline, inputs, keys, settings)
+        except Exception as error:  # the callers report it; the worker keeps serving
+            logger.exception("inference failed (%d request(s): %s)", len(batch), ", ".join(j.source for j in batch))
+            for job in batch:
+                self.metrics.inc("alpamayo_inference_requests_total", source=job.source, outcome="error")
+                job.future.set_exception(error)
             return
-        self.metrics.inc("alpamayo_inference_requests_total", source=job.source, outcome="ok")
-        self.metrics.observe("alpamayo_stage_seconds", wait, source=job.source, stage="queue_wait")
-        for stage, seconds in samples.timings.items():
-            self.metrics.observe("alpamayo_stage_seconds", seconds, source=job.source, stage=stage)
-        timings = {"queue_wait": round(wait, 4), **samples.timings,
-                   "inference": round(time.perf_counter() - started, 4)}
-        job.future.set_result(dataclasses.replace(samples, timings=timings))
+        elapsed = round(time.perf_counter() - started, 4)
+        self.metrics.inc("alpamayo_inference_batches_total", clips=str(len(batch)))
+        for index, job in enumerate(batch):
+            wait = started - job.enqueued
+            self.metrics.inc("alpamayo_inference_requests_total", source=job.source, outcome="ok")
+            self.metrics.observe("alpamayo_stage_seconds", wait, source=job.source, stage="queue_wait")
+            for stage, seconds in samples.timings.items():
+                self.metrics.observe("alpamayo_stage_seconds", seconds, source=job.source, stage=stage)
+            timings = {"queue_wait": round(wait, 4), **samples.timings, "inference": elapsed}
+            job.future.set_result(dataclasses.replace(_clip_samples(samples, index), timings=timings))
 
     def _cancel_all(self) -> None:
-        while True:
-            try:
-                job = self._queue.get_nowait()
-            except queue.Empty:
-                return
-            if job is None:
-                continue
-            with self._lock:
-                self._pending -= 1
+        with self._lock:
+            jobs, self._pending = list(self._jobs), 0
+            self._jobs.clear()
+        for job in jobs:
             job.future.set_exception(ServerStopping("the server stopped before this request ran"))
 
     def _warm_up(self) -> None:
         start = time.perf_counter()
         for height, width in self.warmup_sizes:
-            began = time.perf_counter()
             inputs = self.pipeline.prepare(synthetic_clip(0, image_size=(height, width)))
-            samples = self._run(self.pipeline, inputs, jax.random.key(0), self.settings)
-            logger.info("warmed up %dx%d frames in %.1f s (%s)", height, width, time.perf_counter() - began,
-                        ", ".join(f"{k} {v:.2f} s" for k, v in samples.timings.items()))
+            for size in self.batch_sizes:
+                began = time.perf_counter()
+                samples = self._run(self.pipeline, concat_inputs([inputs] * size),
+                                    jnp.stack([jax.random.key(0)] * size), self.settings)
+                logger.info("warmed up %d clip(s) of %dx%d frames in %.1f s (%s)", size, height, width,
+                            time.perf_counter() - began, ", ".join(f"{k} {v:.2f} s" for k, v in samples.timings.items()))
         self.warmup_seconds = time.perf_counter() - start

@@ -11,25 +11,21 @@ from pathlib import Path
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
 from workload import Workload  # noqa: E402
 
-from alpamayo_jax.config import alpamayo_r1_10b  # noqa: E402
 from alpamayo_jax.data.iterator import DatasetSource  # noqa: E402
 from alpamayo_jax.data.synthetic_dataset import write_synthetic_dataset  # noqa: E402
 from alpamayo_jax.evaluation.evaluate import evaluate  # noqa: E402
 from alpamayo_jax.inference.inference_config import InferenceConfig  # noqa: E402
-from alpamayo_jax.inference.generation import GenerationConfig, generate, prefill  # noqa: E402
+from alpamayo_jax.inference.generation import prefill  # noqa: E402
 from alpamayo_jax.inference.pipeline import Pipeline  # noqa: E402
 from alpamayo_jax.nn.variables import module_variables  # noqa: E402
 from alpamayo_jax.io.convert import convert_checkpoint  # noqa: E402
-from alpamayo_jax.models.alpamayo import AlpamayoR1  # noqa: E402
 from alpamayo_jax.sharding import (  # noqa: E402
     LOGICAL_RULES,
     VOCAB_WIDTH_FALLBACK,
@@ -45,41 +41,42 @@ workload = Workload(sys.argv[1])
 fixture, load, run = workload.fixture, workload.load, workload.run
 
 
-def kv_cache_placement(pipeline, inputs):
-    """The rollout's KV cache under the pipeline's mesh: partition spec and one device's block."""
-    config = GenerationConfig.for_alpamayo(pipeline.config, pad_token_id=pipeline.tokenizer.pad_token_id,
-                                           max_new_tokens=4)
+def prefill_report(pipeline, inputs) -> dict:
+    """The KV cache placement and XLA's count of floating-point operations per device of the
+    2-clip multimodal prefill, from the prefill `workload.run` compiled (so nothing compiles again)."""
+    settings = workload.settings(pipeline)
+    generation = settings.generation_config(pipeline.config, pad_token_id=pipeline.tokenizer.pad_token_id)
+    arguments = dict(capacity=inputs.prompt_length + generation.max_new_tokens - 1,
+                     num_samples=settings.num_samples, stop_token_id=generation.stop_after_token_id)
     with pipeline.on_mesh():
-        cache = generate(pipeline.split, inputs, config=config, key=jax.random.key(0), num_samples=4).cache
-    spec = list(cache.k.sharding.spec)
-    return {"spec": spec + [None] * (cache.k.ndim - len(spec)), "shape": list(cache.k.shape),
-            "block": list(cache.k.addressable_shards[0].data.shape)}
+        cache = prefill(pipeline.split, inputs, **arguments)[0]
+        cost = prefill.lower(pipeline.split, inputs, **arguments).compile().cost_analysis()
+    spec = list(getattr(cache.k.sharding, "spec", ()))  # none on one device
+    return {"kv_cache": {"spec": spec + [None] * (cache.k.ndim - len(spec)), "shape": list(cache.k.shape),
+                         "block": list(cache.k.addressable_shards[0].data.shape)},
+            "prefill_flops_per_device": float((cost[0] if isinstance(cost, list) else cost)["flops"])}
 
 
-def prefill_flops_per_device(pipeline, inputs):
-    """XLA's count of floating-point operations per device of the 2-clip multimodal prefill."""
-    with pipeline.on_mesh():
-        compiled = prefill.lower(pipeline.split, inputs, capacity=300, num_samples=4,
-                                 stop_token_id=pipeline.config.traj_token_ids.future_start).compile()
-    cost = compiled.cost_analysis()
-    return float((cost[0] if isinstance(cost, list) else cost)["flops"])
-
-
-report = {"devices": len(jax.devices())}
+# Every kind of placement once: parameters over model, rows over data, both, and the 10B model's
+# vocabulary fallback (data 8 is `evaluate`'s mesh below, data 4 x model 2 the training scripts').
+PRESETS = ["model2", "data2", "data2_model2", "model2_vocab_width"]
+report = {"devices": len(jax.devices()), "presets": PRESETS}
 single = load()
 report["single_device_bytes"] = sum(bytes_per_device(single.model).values())
 reference = run(single)
 inputs = workload.inputs(single)  # the same for every pipeline: one tokenizer, one template
 report["reference_tokens"] = reference.generated_token_ids
 report["reference_xyz"] = reference.xyz.tolist()
-report["single_device_prefill_flops"] = prefill_flops_per_device(single, inputs)
+report["single_device_prefill_flops"] = prefill_report(single, inputs)["prefill_flops_per_device"]
+
+
 def expected_spec(names, vocab_width):
     """The table's placement; with `vocab_width`, the fallback for the vocabulary tables."""
     return partition_spec(names, {**LOGICAL_RULES, **VOCAB_WIDTH_FALLBACK} if vocab_width and "vocab" in names
                           else LOGICAL_RULES)
 
 
-for preset in ["model2", "data2", "data8", "data2_model2", "data4_model2", "model2_vocab_width"]:
+for preset in PRESETS:
     mesh = make_mesh(preset.removesuffix("_vocab_width"))
     # The vocabulary-width fallback (which the 10B model takes), forced on the tiny model.
     vocab_width = preset.endswith("_vocab_width")
@@ -112,8 +109,7 @@ for preset in ["model2", "data2", "data8", "data2_model2", "data4_model2", "mode
         "kv_proj_spec": str(shardings["vlm.language_model.layers.0.self_attn.k_proj.kernel"].spec),
         "lm_head_spec": str(shardings["vlm.lm_head.kernel"].spec),
         "bytes_per_device": sorted(set(per_device.values())),
-        "kv_cache": kv_cache_placement(pipeline, inputs),
-        "prefill_flops_per_device": prefill_flops_per_device(pipeline, inputs),
+        **prefill_report(pipeline, inputs),
     }
 
 # A converted bundle restores straight into the shardings too.
@@ -124,16 +120,10 @@ kernel = from_bundle.model.vlm.lm_head.kernel.get_value()
 report["bundle"] = {"tokens": run(from_bundle).generated_token_ids, "lm_head_spec": str(kernel.sharding.spec),
                     "lm_head_shard_shape": list(kernel.addressable_shards[0].data.shape)}
 
-# The 10B vocabulary (155,697) divides over no model axis: its tables are split along their width.
-model_10b = nnx.eval_shape(lambda: AlpamayoR1(alpamayo_r1_10b(), param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
-shardings_10b = param_shardings(model_10b, make_mesh("model8"))
-report["10b_model8"] = {path: str(shardings_10b[path].spec) for path in [
-    "vlm.lm_head.kernel", "vlm.language_model.embed_tokens.embedding",
-    "vlm.language_model.layers.0.self_attn.k_proj.kernel", "expert.layers.0.mlp.up_proj.kernel"]}
-
 # Rows that do not divide over the data axis (1 clip x 3 samples over 2) are an error.
 try:
-    run(load(make_mesh("data2")), clips=1, num_samples=3)
+    run(Pipeline.from_model(single.model, single.tokenizer, single.chat_template, make_mesh("data2")), clips=1,
+        num_samples=3)
     report["uneven_rows_error"] = None
 except ShardingError as error:
     report["uneven_rows_error"] = str(error)
@@ -143,7 +133,7 @@ except ShardingError as error:
 # the table's own placement.
 for name, shape in [("indivisible_error", "model4"), ("indivisible_vocab_error", "1x3")]:
     try:
-        param_shardings(load().model, make_mesh(shape))
+        param_shardings(single.model, make_mesh(shape))
         report[name] = None
     except ShardingError as error:
         report[name] = str(error)

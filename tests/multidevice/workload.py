@@ -35,11 +35,15 @@ class Workload:
         return pipeline.prepare([Clip.create(frames, self.history[0][0], self.history[1][0])
                                  for frames in self.frames[:clips]])
 
+    @staticmethod
+    def settings(pipeline: Pipeline, num_samples: int = 4) -> InferenceConfig:
+        return InferenceConfig.from_model(pipeline.config, num_samples=num_samples, temperature=1.0,
+                                          max_new_tokens=12)
+
     def run(self, pipeline: Pipeline, clips: int = 2, num_samples: int = 4):
         """clips x num_samples rows (8 by default: every preset's data axis divides them)."""
-        settings = InferenceConfig.from_model(pipeline.config, num_samples=num_samples, temperature=1.0,
-                                              max_new_tokens=12)
-        return sample_from_inputs(pipeline, self.inputs(pipeline, clips), jax.random.key(3), settings)
+        return sample_from_inputs(pipeline, self.inputs(pipeline, clips), jax.random.key(3),
+                                  self.settings(pipeline, num_samples))
 
     def training_batch(self, pipeline: Pipeline, stage: int = 2):
         """(inputs, targets) of four synthetic clips with ground truth: stage 2's actions, or stage 1's labels."""
