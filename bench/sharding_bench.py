@@ -12,12 +12,9 @@ shardings of `jax.eval_shape` (no allocation; on a GPU, measure with `--measure-
 from __future__ import annotations
 
 import argparse
-import copy
-import json
 import os
 import statistics
 import time
-from pathlib import Path
 
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 
@@ -31,23 +28,13 @@ from alpamayo_jax.inference.pipeline import Pipeline, sample_trajectories  # noq
 from alpamayo_jax.models.alpamayo import AlpamayoR1  # noqa: E402
 from alpamayo_jax.processing.synthetic import synthetic_clip  # noqa: E402
 from alpamayo_jax.sharding import make_mesh, param_shardings, shard_model  # noqa: E402
-
-FIXTURE = Path(__file__).parents[1] / "tests/fixtures/tiny_ar1_dev"
+from common import FIXTURE, scaled_configs  # noqa: E402
 PRESETS = ["single", "data2", "data4", "data8", "model2", "data4_model2"]
 
 
 def medium_pipeline(tiny: Pipeline) -> Pipeline:
     """Random weights, the tiny vocabulary and tokenizer, wider and deeper decoders and vision."""
-    config = json.loads((FIXTURE / "hf/config.json").read_text())
-    backbone = copy.deepcopy(json.loads((FIXTURE / "vlm/config.json").read_text()))
-    backbone["text_config"].update(hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
-                                   num_attention_heads=8, num_key_value_heads=4, head_dim=64,
-                                   rope_scaling={"mrope_interleaved": True, "mrope_section": [16, 8, 8],
-                                                 "rope_type": "default"})
-    backbone["vision_config"].update(hidden_size=128, intermediate_size=512, depth=4, num_heads=4,
-                                     out_hidden_size=512, deepstack_visual_indexes=[1, 2])
-    config["expert_cfg"].update(hidden_size=256, intermediate_size=768, num_attention_heads=8)
-    parsed = AlpamayoConfig.from_hf_config(config, backbone)
+    parsed = AlpamayoConfig.from_hf_config(*scaled_configs("medium"))
     return Pipeline.from_model(AlpamayoR1(parsed, rngs=nnx.Rngs(0)), tiny.tokenizer, tiny.chat_template)
 
 

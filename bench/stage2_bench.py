@@ -55,7 +55,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -77,25 +76,14 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _configure_threads(threads: int) -> list[int]:
-    """Pins the process and sets XLA's threading; must run before jax and torch are imported."""
-    cpus = sorted(os.sched_getaffinity(0))[:threads]
-    os.sched_setaffinity(0, cpus)
-    if threads == 1:
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                                   " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1").strip()
-    return cpus
-
+from common import busy_seconds, configure_threads, write_checkpoint
 
 if __name__ == "__main__":
     ARGS = _parser().parse_args()
-    if "jax" in sys.modules or "torch" in sys.modules:
-        raise SystemExit("jax or torch was imported before the thread settings")
-    PINNED = _configure_threads(ARGS.threads)
+    PINNED = configure_threads(ARGS.threads)
     if ARGS.omp_wait_policy:
         os.environ["OMP_WAIT_POLICY"] = ARGS.omp_wait_policy
 
-import copy
 import functools
 import json
 import platform
@@ -113,17 +101,14 @@ import transformers
 from alpamayo_reference.reference import TorchAlpamayo
 from flax import nnx
 
-from alpamayo_jax.config import AlpamayoConfig
 from alpamayo_jax.inference.pipeline import Pipeline
-from alpamayo_jax.io.hf import read_hf_config, save_hf_checkpoint
-from alpamayo_jax.models.alpamayo import AlpamayoR1
+from alpamayo_jax.io.hf import read_hf_config
 from alpamayo_jax.processing.collate import collate
 from alpamayo_jax.processing.synthetic import synthetic_clip
 from alpamayo_jax.training.optimizer import OptimizerConfig, learning_rate_schedule
 from alpamayo_jax.training.stage2 import draw_flow, fit_actions, future_start_lengths, stage2_loss
 from alpamayo_jax.training.trainer import Trainer
 
-FIXTURE = Path(__file__).parents[1] / "tests/fixtures/tiny_ar1_dev"
 TRAINED = ("expert.", "action_in_proj.", "action_out_proj.")
 
 
@@ -155,35 +140,6 @@ def reset_peak() -> bool:
 # ---------------------------------------------------------------------------------------------
 # The shared checkpoint and batch
 # ---------------------------------------------------------------------------------------------
-
-
-def medium_configs() -> tuple[dict, dict]:
-    """The tiny fixture's Alpamayo and backbone configs, widened and deepened (as sharding_bench)."""
-    config = json.loads((FIXTURE / "hf/config.json").read_text())
-    backbone = copy.deepcopy(json.loads((FIXTURE / "vlm/config.json").read_text()))
-    backbone["text_config"].update(hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
-                                   num_attention_heads=8, num_key_value_heads=4, head_dim=64,
-                                   rope_scaling={"mrope_interleaved": True, "mrope_section": [16, 8, 8],
-                                                 "rope_type": "default"})
-    backbone["vision_config"].update(hidden_size=128, intermediate_size=512, depth=4, num_heads=4,
-                                     out_hidden_size=512, deepstack_visual_indexes=[1, 2])
-    config["expert_cfg"].update(hidden_size=256, intermediate_size=768, num_attention_heads=8)
-    config["dtype"] = config["model_dtype"] = "float32"
-    return config, backbone
-
-
-def write_checkpoint(directory: Path, seed: int) -> tuple[Path, Path]:
-    """A float32 random-weight checkpoint in the reference layout (hf/) and its processor
-    directory (vlm/: the fixture's tokenizer and template, the medium backbone config)."""
-    config, backbone = medium_configs()
-    vlm = directory / "vlm"
-    shutil.copytree(FIXTURE / "vlm", vlm)
-    (vlm / "config.json").write_text(json.dumps(backbone, indent=2))
-    config["vlm_name_or_path"] = "../vlm"
-    model = AlpamayoR1(AlpamayoConfig.from_hf_config(config, backbone), param_dtype=jnp.float32,
-                       rngs=nnx.Rngs(seed))
-    hf = save_hf_checkpoint(model, directory / "hf", config)
-    return hf, vlm
 
 
 def make_clips(count: int, image_size: tuple[int, int]):
@@ -278,22 +234,6 @@ class TorchStage2:
 # ---------------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------------
-
-
-def busy_seconds(cpus: list[int]) -> tuple[float, float]:
-    """CPU seconds the given CPUs have spent busy since boot (user, nice, system, irq, softirq)
-    and stolen by the hypervisor, from the per-CPU lines of /proc/stat."""
-    wanted = {f"cpu{c}" for c in cpus}
-    busy = stolen = 0
-    with open("/proc/stat") as stat:
-        for line in stat:
-            name, *fields = line.split()
-            if name in wanted:
-                user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, fields[:8])
-                busy += user + nice + system + irq + softirq
-                stolen += steal
-    tick = os.sysconf("SC_CLK_TCK")
-    return busy / tick, stolen / tick
 
 
 def timed(fn):

@@ -11,14 +11,14 @@ def _vision(model, pixel_values, image_grid, return_intermediates=False):
     return model(pixel_values, image_grid, return_intermediates=return_intermediates)
 
 
-def _multimodal(model, input_ids, pixel_values, image_grid, position_ids, cache=None, last_logits_only=False,
+def _multimodal(model, input_ids, pixel_values, image_grid, position_ids, cache=None, num_logits=None,
                 return_layer_outputs=False):
     return model(input_ids, pixel_values=pixel_values, image_grid_thw=image_grid, position_ids=position_ids,
-                 cache=cache, last_logits_only=last_logits_only, return_layer_outputs=return_layer_outputs)
+                 cache=cache, num_logits=num_logits, return_layer_outputs=return_layer_outputs)
 
 
 vision_jit = module_jit(_vision, static_argnames=("image_grid", "return_intermediates"))
-multimodal_jit = module_jit(_multimodal, static_argnames=("image_grid", "last_logits_only", "return_layer_outputs"))
+multimodal_jit = module_jit(_multimodal, static_argnames=("image_grid", "num_logits", "return_layer_outputs"))
 
 
 def encode_images(model, pixel_values, image_grid_thw, *, return_intermediates=False):
@@ -28,8 +28,8 @@ def encode_images(model, pixel_values, image_grid_thw, *, return_intermediates=F
 
 
 def multimodal_forward(model, input_ids, pixel_values, image_grid_thw, position_ids, *, cache=None,
-                       last_logits_only=False, return_layer_outputs=False):
+                       num_logits=None, return_layer_outputs=False):
     """`Qwen3VL` multimodal forward (a prefill when `cache` is given)."""
     return multimodal_jit(SplitModule.of(model), input_ids, pixel_values, as_image_grid(image_grid_thw),
-                          position_ids, cache, last_logits_only=last_logits_only,
+                          position_ids, cache, num_logits=num_logits,
                           return_layer_outputs=return_layer_outputs)

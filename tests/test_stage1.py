@@ -31,6 +31,7 @@ from alpamayo_jax.training.stage1 import (
     stage1_gradients,
     stage1_loss,
     supervised_logits,
+    supervised_tail,
 )
 from tests.parity import assert_close
 
@@ -103,8 +104,23 @@ def test_logits_and_loss_match_the_reference(outputs, train):
     assert abs(float(terms.total) - token_mean) > 7
 
 
-def test_every_vlm_gradient_matches_the_reference(tiny_model, batch, train):
-    values, grads = stage1_gradients(tiny_model, batch.fused_inputs(), batch.labels(), remat=True)
+def test_the_label_tail_holds_every_supervised_label(batch):
+    """Left padding and the assistant turn last: the 131 targets of each row and the position
+    before them fit in the last 133 of 361 positions, rounded up to 192."""
+    labels = batch.labels()
+    assert labels.shape == (2, 361) and supervised_tail(labels) == 192
+    assert (labels[:, :-192] == IGNORE_INDEX).all() and (labels[:, -133] == IGNORE_INDEX).all()
+    assert (labels[:, -132] != IGNORE_INDEX).any()
+    assert supervised_tail(labels, multiple=1) == 133 and supervised_tail(labels, multiple=512) == 361
+    assert supervised_tail(np.full((2, 50), IGNORE_INDEX)) == 50  # nothing supervised
+
+
+def test_every_vlm_gradient_matches_the_reference(tiny_model, batch, train, outputs):
+    """Through the label tail training uses (logits at its 192 positions only): the reference's
+    gradients, and the loss of the full labels."""
+    labels = batch.labels()
+    values, grads = stage1_gradients(tiny_model, batch.fused_inputs(), labels[:, -supervised_tail(labels):],
+                                     remat=True)
     expected = {key[len("grad.stage1."):]: value for key, value in train.items() if key.startswith("grad.stage1.")}
     assert len(expected) == 93 and set(grads) == set(expected)  # every VLM parameter, nothing else
     assert all(grads[key].dtype == np.float32 and grads[key].shape == value.shape for key, value in expected.items())
@@ -114,6 +130,7 @@ def test_every_vlm_gradient_matches_the_reference(tiny_model, batch, train):
           f"{norm:.6g} (reference 28.1857)")
     assert abs(norm - 28.1857) < 1e-3
     assert_close(values["loss"], train["stage1.loss"], 1e-6, "stage1.loss (gradient run)")
+    assert_close(values["loss"], float(outputs[0].total), 1e-6, "tail loss vs full-label loss")
 
 
 @pytest.mark.parametrize("row", [0, 1])

@@ -71,7 +71,7 @@ def test_prefill_fills_kv_cache(fixture_model, fixture_inputs, golden):
     ids, pixels, grid, positions = fixture_inputs
     prompt_len = ids.shape[1]
     cache = fixture_model.init_cache(batch=1, capacity=prompt_len + 6)
-    out = multimodal_forward(fixture_model, ids, pixels, grid, positions, cache=cache, last_logits_only=True)
+    out = multimodal_forward(fixture_model, ids, pixels, grid, positions, cache=cache, num_logits=1)
     assert int(out.cache.length) == prompt_len
     assert_close(out.logits[:, 0], golden["vlm.logits"][:, -1], 1e-4, "last prefill logits")
     for layer in range(fixture_model.config.num_hidden_layers):

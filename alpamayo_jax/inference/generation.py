@@ -270,7 +270,7 @@ def decode(
 
 def _language_model_step(vlm) -> StepFn:
     def step(tokens, position_ids, cache):
-        out = vlm(tokens, position_ids=position_ids, cache=cache, last_logits_only=True)
+        out = vlm(tokens, position_ids=position_ids, cache=cache, num_logits=1)
         return out.logits[:, -1].astype(jnp.float32), out.cache
 
     return step
@@ -289,7 +289,7 @@ def _prefill_fn(model: AlpamayoR1, inputs: ModelInputs, *, capacity: int, num_sa
     pixel_values = constrain(inputs.pixel_values, ("image_patches", None), replicate_uneven=True)
     attention_mask = constrain(inputs.attention_mask, ("batch", "sequence"), replicate_uneven=True)
     out = vlm(input_ids, pixel_values=pixel_values, image_grid_thw=inputs.image_grid,
-              position_ids=position_ids, attention_mask=attention_mask, last_logits_only=True)
+              position_ids=position_ids, attention_mask=attention_mask, num_logits=1)
     if stop_token_id is None:
         prompt_stop_index = jnp.full(input_ids.shape[:1], -1, jnp.int32)
     else:  # the reference searches the whole sequence, prompt included

@@ -93,7 +93,7 @@ _recomputed_layer = nnx.remat(_layer)
 
 
 class LMOutput(NamedTuple):
-    logits: jax.Array  # (B, T, V), or (B, 1, V) with last_logits_only
+    logits: jax.Array  # (B, T, V), or (B, n, V) with num_logits=n (the last n positions)
     hidden_states: jax.Array  # (B, T, D) after the final norm
     cache: KVCache | None  # the cache with the new tokens appended (None if none was given)
     k: jax.Array  # (L, B, T, K, H) keys of the new tokens
@@ -127,7 +127,7 @@ class CausalLM(nnx.Module):
         attention_mask: jax.Array | None = None,  # (B, T) bool: false on left padding; default all true
         cache: KVCache | None = None,
         deepstack_embeds: jax.Array | None = None,  # (J, B, T, D), zero outside visual tokens
-        last_logits_only: bool = False,
+        num_logits: int | None = None,  # logits of the last num_logits positions only; None: all
         return_layer_outputs: bool = False,
         remat: bool = False,
     ) -> LMOutput:
@@ -162,7 +162,7 @@ class CausalLM(nnx.Module):
             inputs_embeds, position_ids, bias_from_mask(mask)[:, None], prefix_kv,
             deepstack_embeds, return_layer_outputs, remat,
         )
-        hidden = out.hidden_states[:, -1:] if last_logits_only else out.hidden_states
+        hidden = out.hidden_states if num_logits is None else out.hidden_states[:, -num_logits:]
         return LMOutput(
             logits=self.lm_head(hidden),
             hidden_states=out.hidden_states,

@@ -135,7 +135,7 @@ class Qwen3VL(CausalLM):
         attention_mask: jax.Array | None = None,  # (B, T) bool: false on left padding
         cache: KVCache | None = None,
         deepstack_embeds: jax.Array | None = None,  # (J, B, T, D)
-        last_logits_only: bool = False,
+        num_logits: int | None = None,  # logits of the last num_logits positions only; None: all
         return_layer_outputs: bool = False,
         remat: bool = False,
     ) -> LMOutput:
@@ -157,6 +157,6 @@ class Qwen3VL(CausalLM):
         return super().__call__(
             input_ids, inputs_embeds=inputs_embeds, position_ids=position_ids, attention_mask=attention_mask,
             cache=cache,
-            deepstack_embeds=deepstack_embeds, last_logits_only=last_logits_only,
+            deepstack_embeds=deepstack_embeds, num_logits=num_logits,
             return_layer_outputs=return_layer_outputs, remat=remat,
         )

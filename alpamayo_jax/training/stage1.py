@@ -19,10 +19,19 @@ trajectory targets. A term without targets is 0, and a NaN term is 0, as in the 
 Labels are `IGNORE_INDEX` (-100) where nothing is supervised; the label of position 0 is never
 predicted.
 
-Every function is pure and jittable: the selection of targets is a pair of (B, L - 1) masks, not
+Every function is pure and jittable: the selection of targets is a pair of (B, N - 1) masks, not
 a data-dependent gather, so one program serves every batch of one shape.
 
-Shapes: B batch, L prompt length, V vocabulary.
+Logits only where they are needed. Training prompts end with their assistant turn and are padded
+on the left, so every supervised label sits in a short tail of the prompt (the trajectory span,
+the end of turn, the CoC text). `stage1_loss` takes the labels of the last N positions and
+computes the language model's logits there only; `supervised_tail` gives the shortest such N
+(rounded up, so that batches of similar text lengths share one compiled step). The loss and the
+gradients are those of the full labels; the (B, L, V) logits are never made: on the 10B model
+(V = 155,697) a 3000-token prompt's are 1.9 GB in float32, its 131 trajectory-only targets' tail
+of 192 positions 0.12 GB.
+
+Shapes: B batch, L prompt length, N label tail (N <= L), V vocabulary.
 """
 
 from __future__ import annotations
@@ -55,11 +64,11 @@ class Stage1Loss(NamedTuple):
 class Stage1Aux(NamedTuple):
     """What the loss saw, position by position (prediction i is for the label at i + 1)."""
 
-    logits: jax.Array  # (B, L - 1, V) float32: the logits that predict labels[:, 1:]
-    targets: jax.Array  # (B, L - 1) int32: labels[:, 1:]
-    future_traj_mask: jax.Array  # (B, L - 1) bool: targets of the future_traj term
-    others_mask: jax.Array  # (B, L - 1) bool: targets of the others term
-    token_loss: jax.Array  # (B, L - 1) float32: cross-entropy at every position (0 where unsupervised)
+    logits: jax.Array  # (B, N - 1, V) float32: the logits that predict labels[:, 1:]
+    targets: jax.Array  # (B, N - 1) int32: labels[:, 1:]
+    future_traj_mask: jax.Array  # (B, N - 1) bool: targets of the future_traj term
+    others_mask: jax.Array  # (B, N - 1) bool: targets of the others term
+    token_loss: jax.Array  # (B, N - 1) float32: cross-entropy at every position (0 where unsupervised)
 
 
 def target_masks(targets: jax.Array, config: AlpamayoConfig) -> tuple[jax.Array, jax.Array]:
@@ -80,8 +89,8 @@ def masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
 
 
 def next_token_loss(logits: jax.Array, labels: jax.Array, config: AlpamayoConfig) -> tuple[Stage1Loss, Stage1Aux]:
-    """The two-term loss of (B, L, V) logits (any float dtype; computed in float32) against
-    (B, L) unshifted labels (`IGNORE_INDEX` where unsupervised)."""
+    """The two-term loss of (B, N, V) logits (any float dtype; computed in float32) against
+    (B, N) unshifted labels of the same positions (`IGNORE_INDEX` where unsupervised)."""
     logits = logits[:, :-1].astype(jnp.float32)
     targets = jnp.asarray(labels)[:, 1:].astype(jnp.int32)
     future_traj, others = target_masks(targets, config)
@@ -94,10 +103,11 @@ def next_token_loss(logits: jax.Array, labels: jax.Array, config: AlpamayoConfig
     return loss, Stage1Aux(logits, targets, future_traj, others, token_loss)
 
 
-def teacher_forced_vlm(model: AlpamayoR1, inputs: ModelInputs, *, remat: bool = False):
+def teacher_forced_vlm(model: AlpamayoR1, inputs: ModelInputs, *, remat: bool = False,
+                       num_logits: int | None = None):
     """The VLM's teacher-forced forward over the whole (left-padded) prompt: its `LMOutput`
-    (logits (B, L, V), the keys and values of every layer). Stage 1 reads the logits, stage 2 the
-    keys and values."""
+    (logits (B, L, V), or of the last `num_logits` positions; the keys and values of every
+    layer). Stage 1 reads the logits, stage 2 the keys and values."""
     rows = ("batch", "sequence")
     # Under a mesh the batch rows split over `data` (`alpamayo_jax.sharding`); without one these do nothing.
     return model.vlm(constrain(jnp.asarray(inputs.input_ids), rows, replicate_uneven=True),
@@ -106,17 +116,37 @@ def teacher_forced_vlm(model: AlpamayoR1, inputs: ModelInputs, *, remat: bool = 
                      image_grid_thw=inputs.image_grid,
                      position_ids=constrain(jnp.asarray(inputs.position_ids), (None, *rows), replicate_uneven=True),
                      attention_mask=constrain(jnp.asarray(inputs.attention_mask), rows, replicate_uneven=True),
-                     remat=remat)
+                     num_logits=num_logits, remat=remat)
 
 
 def stage1_loss(model: AlpamayoR1, inputs: ModelInputs, labels: jax.Array, *, remat: bool = False
                 ) -> tuple[jax.Array, tuple[Stage1Loss, Stage1Aux]]:
     """The stage-1 loss of a batch: `inputs` with the future tokens fused
-    (`TrainingBatch.fused_inputs()`), (B, L) `labels` (`TrainingBatch.labels()`). Returns the total
-    (what to differentiate) and (its terms, aux). `remat` recomputes the language model's layers
-    in the backward pass instead of storing their activations (same values, less memory)."""
-    loss, aux = next_token_loss(teacher_forced_vlm(model, inputs, remat=remat).logits, labels, model.config)
+    (`TrainingBatch.fused_inputs()`), (B, N) `labels` of the prompts' last N positions
+    (`TrainingBatch.labels()`, N = L, or its tail `labels[:, -supervised_tail(labels):]`: the same
+    loss, with logits at those positions only). Returns the total (what to differentiate) and
+    (its terms, aux). `remat` recomputes the language model's layers in the backward pass instead
+    of storing their activations (same values, less memory)."""
+    logits = teacher_forced_vlm(model, inputs, remat=remat, num_logits=labels.shape[1]).logits
+    loss, aux = next_token_loss(logits, labels, model.config)
     return loss.total, (loss, aux)
+
+
+# Label tails are rounded up to a multiple of this (`supervised_tail`).
+LABEL_TAIL_MULTIPLE = 64
+
+
+def supervised_tail(labels, multiple: int = LABEL_TAIL_MULTIPLE) -> int:
+    """The length N of the shortest tail `labels[:, -N:]` of (B, L) labels that holds every
+    supervised label and the position before the first of them (whose logits predict it),
+    rounded up to a multiple of `multiple`, at most L (module docstring)."""
+    labels = np.asarray(labels)
+    length = labels.shape[1]
+    supervised = (labels != IGNORE_INDEX).any(axis=0)
+    if not supervised.any():  # nothing to predict: every tail gives 0
+        return min(length, multiple)
+    needed = length - int(np.argmax(supervised)) + 1
+    return min(length, -(-needed // multiple) * multiple)
 
 
 def supervised_logits(aux: Stage1Aux) -> list[np.ndarray]:

@@ -99,7 +99,7 @@ def teacher_forced_context(model: AlpamayoR1, inputs: ModelInputs, num_waypoints
     if expert_attention not in EXPERT_ATTENTION_MODES:
         raise ValueError(f"expert_attention must be one of {EXPERT_ATTENTION_MODES}, got {expert_attention!r}")
     reference = expert_attention == "reference"
-    out = teacher_forced_vlm(model, inputs)
+    out = teacher_forced_vlm(model, inputs, num_logits=1)  # the keys and values; no logits needed
     lengths = future_start_lengths(inputs, model.config.traj_token_ids.future_start, reference=reference)
     visible = jnp.arange(inputs.input_ids.shape[1])[None, :] < lengths[:, None]
     if not reference:  # the reference leaves left padding visible to the expert

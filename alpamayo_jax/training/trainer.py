@@ -67,7 +67,7 @@ from alpamayo_jax.training.optimizer import (
     make_optimizer,
     trainable_filter,
 )
-from alpamayo_jax.training.stage1 import stage1_loss
+from alpamayo_jax.training.stage1 import stage1_loss, supervised_tail
 from alpamayo_jax.training.stage2 import (
     EXPERT_ATTENTION_MODES,
     ExpertAttention,
@@ -138,8 +138,9 @@ class Trainer:
         """(inputs, targets) of a collated batch for this stage: stage 1 the prompts with the
         future tokens fused and the labels; stage 2 the prompts with the history fused and the
         clean actions fitted to the ground truth (with `split`, the model as loaded)."""
-        if self.stage == TrainingStage.VLM:
-            return batch.fused_inputs(), jnp.asarray(batch.labels())
+        if self.stage == TrainingStage.VLM:  # the labels' supervised tail: logits there only
+            labels = batch.labels()
+            return batch.fused_inputs(), jnp.asarray(labels[:, -supervised_tail(labels):])
         return batch.inputs, fit_actions(split, batch.inputs, batch.ego_future_xyz, batch.ego_future_rot)
 
     def step(self, state: TrainState, inputs, targets: jax.Array) -> tuple[TrainState, dict]:
