@@ -16,20 +16,22 @@ from pathlib import Path
 
 FIXTURE = Path(__file__).parents[1] / "tests/fixtures/tiny_ar1_dev"
 
-# (text decoder, vision tower, expert) overrides of the tiny fixture's configs.
+# (text decoder, vision tower, expert, Alpamayo config) overrides of the tiny fixture's configs.
 SIZES = {
     # 8 x 512-wide language model layers: tens of millions of parameters.
     "medium": (dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
                     num_key_value_heads=4, head_dim=64),
                dict(hidden_size=128, intermediate_size=512, depth=4, num_heads=4, out_hidden_size=512,
                     deepstack_visual_indexes=[1, 2]),
-               dict(hidden_size=256, intermediate_size=768, num_attention_heads=8)),
-    # 12 x 1024-wide layers, a 12-block 512-wide vision tower and a 512-wide expert: 2.3e8 parameters.
-    "234m": (dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=16,
+               dict(hidden_size=256, intermediate_size=768, num_attention_heads=8), {}),
+    # 12 x 1024-wide layers, a 12-block 512-wide vision tower and a 512-wide expert: 2.6e8 parameters;
+    # images resized to about 16,000 pixels (64 tokens each: a 1,100-token prompt for 16 frames).
+    "260m": (dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=16,
                   num_key_value_heads=8, head_dim=64),
              dict(hidden_size=512, intermediate_size=2048, depth=12, num_heads=8, out_hidden_size=1024,
                   deepstack_visual_indexes=[3, 7, 11]),
-             dict(hidden_size=512, intermediate_size=1536, num_attention_heads=16)),
+             dict(hidden_size=512, intermediate_size=1536, num_attention_heads=16),
+             dict(min_pixels=12_288, max_pixels=16_384)),
 }
 
 
@@ -67,7 +69,7 @@ def busy_seconds(cpus: list[int]) -> tuple[float, float]:
 
 def scaled_configs(size: str) -> tuple[dict, dict]:
     """The tiny fixture's Alpamayo and backbone configs with `SIZES[size]`, float32."""
-    text, vision, expert = SIZES[size]
+    text, vision, expert, alpamayo = SIZES[size]
     config = json.loads((FIXTURE / "hf/config.json").read_text())
     backbone = copy.deepcopy(json.loads((FIXTURE / "vlm/config.json").read_text()))
     head_dim = text["head_dim"]
@@ -76,6 +78,7 @@ def scaled_configs(size: str) -> tuple[dict, dict]:
                                                        "rope_type": "default"})
     backbone["vision_config"].update(vision)
     config["expert_cfg"].update(expert)
+    config.update(alpamayo)
     config["dtype"] = config["model_dtype"] = "float32"
     return config, backbone
 

@@ -1,6 +1,6 @@
 """Inference benchmark: alpamayo-jax against NVIDIA's own inference code, side by side on CPU.
 
-Both load one float32 random-weight checkpoint (bench/common.py's sizes: "234m" by default, the
+Both load one float32 random-weight checkpoint (bench/common.py's sizes: "260m" by default, the
 tiny fixture's architecture made 12 x 1024 wide, with its tokenizer) and run one clip of 4 cameras x
 4 frames: NVIDIA's `AlpamayoR1.sample_trajectories_from_data_with_vlm_rollout` (reasoning rollout
 with its stopping rule, 10 flow-matching steps, unicycle rollout) and alpamayo-jax's
@@ -30,7 +30,7 @@ The reference source: `git clone https://github.com/NVlabs/alpamayo && git -C al
 which must be importable (`pip install --target DIR hydra-core==1.3.8 omegaconf==2.3.0
 antlr4-python3-runtime==4.9.3` and PYTHONPATH=DIR, as for `verify --stage 2`).
 
-    python bench/inference_bench.py --reference-src ALPAMAYO_TREE [--threads 1] [--size 234m]
+    python bench/inference_bench.py --reference-src ALPAMAYO_TREE [--threads 1] [--size 260m]
         [--rounds 3] [--max-new-tokens 64] [--image-size 224 384] [--json out.json]
 """
 
@@ -46,7 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reference-src", required=True, help="an NVlabs/alpamayo source tree (commit 1cba38c)")
     parser.add_argument("--threads", type=int, default=1, help="CPUs to pin to and torch threads (default 1)")
-    parser.add_argument("--size", default="234m", help="bench/common.py size (default 234m)")
+    parser.add_argument("--size", default="260m", help="bench/common.py size (default 260m)")
     parser.add_argument("--rounds", type=int, default=3, help="timed calls per framework (default 3)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--image-size", type=int, nargs=2, default=(224, 384), metavar=("H", "W"))
@@ -84,9 +84,12 @@ class Reference:
     """NVIDIA's AlpamayoR1 from the checkpoint, with its stages timed by wrapping their calls."""
 
     def __init__(self, root: Path, hf: Path, vlm: Path):
+        from alpamayo_reference.verify_training import import_torchvision
+
         for path in (root, root / "src"):
             if str(path) not in sys.path:
                 sys.path.insert(0, str(path))
+        import_torchvision([])  # transformers' Qwen3-VL processor module, which NVIDIA's code imports
         from alpamayo_r1.config import AlpamayoR1Config
         from alpamayo_r1.models.alpamayo_r1 import AlpamayoR1
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
+
 import time
 
 import jax
@@ -31,35 +31,18 @@ import numpy as np
 from alpamayo_jax.config import alpamayo_r1_10b
 from alpamayo_jax.processing import image
 
-# torchvision operators whose fake kernels its import registers even when its compiled
-# extension did not load (a wheel built for another torch variant).
-_TORCHVISION_OPS = {
-    "nms": "(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
-    "qnms": "(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
-}
-
-
 def fast_processor(config):
     """transformers' fast Qwen2-VL image processor with the model's settings, or None (and why)."""
     try:
         import torch
     except ImportError as error:
         return None, f"torch not importable ({error})"
+    from alpamayo_reference.verify_training import import_torchvision
+
     try:
-        import torchvision
+        import_torchvision([])  # with the shim for a wheel built for another torch variant
     except ImportError as error:
         return None, f"torchvision not importable ({error})"
-    except RuntimeError as error:  # its compiled extension does not load with this torch
-        if "torchvision::" not in str(error):
-            raise
-        for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
-            del sys.modules[name]
-        for op, schema in _TORCHVISION_OPS.items():
-            try:
-                getattr(torch.ops.torchvision, op)
-            except (AttributeError, RuntimeError):
-                torch.library.define(f"torchvision::{op}", schema)
-        import torchvision  # noqa: F401
     from transformers import Qwen2VLImageProcessorFast
 
     vision = config.vision

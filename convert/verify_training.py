@@ -58,7 +58,7 @@ install them into a directory of their own and put it on PYTHONPATH, keeping the
 project's environment (`check_reference` names what is missing). A torchvision wheel built for a
 different torch variant (e.g. a CUDA build next to a CPU torch) is fine: its compiled operators
 are never used, but its import registers fake kernels for two of them (`torchvision::nms`,
-`torchvision::qnms`) and fails when the extension did not load; `_import_torchvision` then
+`torchvision::qnms`) and fails when the extension did not load; `import_torchvision` then
 declares those two operator schemas, without any kernel, and imports it again (noted in the
 report). The reference tree's `src/` and root are prepended to `sys.path` and stay there.
 
@@ -159,7 +159,7 @@ def check_reference(reference_src: str | Path | None) -> Path:
     return root
 
 
-def _import_torchvision(notes: list[str]) -> None:
+def import_torchvision(notes: list[str]) -> None:
     """Imports torchvision; when its compiled extension did not load and its import fails on the
     fake kernels it registers for `nms`/`qnms`, declares those operator schemas (no kernel, so
     calling them raises) and imports it again."""
@@ -452,7 +452,7 @@ def reference_stage2(hf_dir: str | Path, clips: Sequence, *, processor_dir: str 
     root = check_reference(reference_src).absolute()
     _prepend_path(root / "src", root)
     notes: list[str] = []
-    _import_torchvision(notes)
+    import_torchvision(notes)
     import torch
     from alpamayo_r1.config import AlpamayoR1Config
     from finetune.sft.models.sft_alpamayo_r1 import TrainableAlpamayoR1
@@ -560,7 +560,7 @@ def reference_stage1(hf_dir: str | Path, clips: Sequence, *, processor_dir: str 
     root = check_reference(reference_src).absolute()
     _prepend_path(root / "src", root)
     notes: list[str] = []
-    _import_torchvision(notes)
+    import_torchvision(notes)
     import torch
     from finetune.sft.models.sft_base_model import TrainableReasoningVLA
 
