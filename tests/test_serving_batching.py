@@ -75,6 +75,22 @@ def test_waiting_requests_share_a_batch_and_keep_their_own_results(pipeline):
         assert {"queue_wait", "generate", "inference"} <= set(result.timings)
 
 
+def test_a_job_of_several_clips_runs_whole(pipeline):
+    """Two clips in one job: both come back, each sampled from the job's seed's key."""
+    settings = InferenceConfig.from_model(pipeline.config, max_new_tokens=8)
+    worker = InferenceWorker(pipeline, settings, warmup_sizes=(), max_batch_clips=4)
+    worker.start()
+    try:
+        clips = [synthetic_clip(seed, image_size=IMAGE_SIZE) for seed in range(2)]
+        result = worker.run(pipeline.prepare(clips), seed=5, source="test")
+    finally:
+        worker.close()
+    assert result.xyz.shape == (2, 1, 64, 3)
+    for index, clip in enumerate(clips):  # the clip alone with the same key
+        alone = sample_from_inputs(pipeline, pipeline.prepare(clip), jax.random.key(5), settings)
+        assert [result.generated_token_ids[index]] == alone.generated_token_ids
+
+
 def test_a_mesh_whose_data_axis_does_not_divide_the_batches_is_refused(pipeline):
     """Checked when the worker is made, not when the first batch of an odd size arrives."""
     on_data2 = types.SimpleNamespace(mesh=types.SimpleNamespace(shape={"data": 2}))

@@ -45,6 +45,48 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Ar
     return jnp.where(jnp.swapaxes(attends, 1, 2), out, jnp.zeros((), out.dtype))
 
 
+def prefix_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None, prefix_k: jax.Array,
+                     prefix_v: jax.Array) -> jax.Array:
+    """`dot_product_attention` over [prefix || new] keys without joining them: the scores of the
+    prefix (S) and of the new tokens (T) share one softmax, and each set of values is weighted
+    on its own. Joining a long cached prefix to one new token would copy the whole cache in every
+    layer at every step.
+
+    q (B, T, N, H); k, v (B, T, K, H); prefix_k, prefix_v (B, S, K, H); bias broadcastable to
+    (B, N, T, S + T) as for the joined keys. Returns (B, T, N, H)."""
+    batch, num_new, num_heads, head_dim = q.shape
+    num_prefix, num_kv = prefix_k.shape[1], k.shape[2]
+    group = num_heads // num_kv
+    qg = q.reshape(batch, num_new, num_kv, group, head_dim) * jnp.asarray(head_dim ** -0.5, q.dtype)
+
+    def scores(keys, part_bias):  # (B, K, G, T, len)
+        out = jnp.einsum("btkgh,bskh->bkgts", qg, keys, preferred_element_type=jnp.float32)
+        if part_bias is None:
+            return out
+        part_bias = jnp.asarray(part_bias, jnp.float32)
+        heads = part_bias.shape[1]
+        part_bias = part_bias.reshape(part_bias.shape[0], num_kv if heads > 1 else 1, group if heads > 1 else 1,
+                                      *part_bias.shape[2:])
+        return out + part_bias
+
+    prefix_bias = None if bias is None else bias[..., :num_prefix]
+    new_bias = None if bias is None else bias[..., num_prefix:]
+    prefix_scores, new_scores = scores(prefix_k, prefix_bias), scores(k, new_bias)
+    peak = jnp.maximum(prefix_scores.max(axis=-1, keepdims=True), new_scores.max(axis=-1, keepdims=True))
+    prefix_weights, new_weights = jnp.exp(prefix_scores - peak), jnp.exp(new_scores - peak)
+    total = prefix_weights.sum(axis=-1, keepdims=True) + new_weights.sum(axis=-1, keepdims=True)
+    def weighted(weights, values):  # (B, K, G, T, H) float32
+        return jnp.einsum("bkgts,bskh->bkgth", weights.astype(values.dtype), values,
+                          preferred_element_type=jnp.float32)
+
+    out = (weighted(prefix_weights, prefix_v) + weighted(new_weights, v)) / total
+    out = jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(batch, num_new, num_heads, head_dim).astype(q.dtype)
+    if bias is None:
+        return out
+    attends = jnp.any(bias > MASK_VALUE, axis=-1, keepdims=True)  # (B | 1, N | 1, T | 1, 1)
+    return jnp.where(jnp.swapaxes(attends, 1, 2), out, jnp.zeros((), out.dtype))
+
+
 class Attention(nnx.Module):
     """Qwen3 attention: q/k/v projections, per-head RMSNorm on q and k, rotary, GQA, output
     projection. New tokens attend to an optional read-only `prefix_kv` followed by themselves."""
@@ -76,10 +118,10 @@ class Attention(nnx.Module):
         q = apply_rotary(self.q_norm(self.q_proj(x)), cos, sin)
         k = apply_rotary(self.k_norm(self.k_proj(x)), cos, sin)
         v = self.v_proj(x)
-        keys, values = k, v
-        if prefix_kv is not None:
+        if prefix_kv is None:
+            out = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), bias)
+        else:
             prefix_k, prefix_v = prefix_kv
-            keys = jnp.concatenate([prefix_k.astype(k.dtype), k], axis=1)
-            values = jnp.concatenate([prefix_v.astype(v.dtype), v], axis=1)
-        out = dot_product_attention(q, keys.astype(q.dtype), values.astype(q.dtype), bias)
+            out = prefix_attention(q, k.astype(q.dtype), v.astype(q.dtype), bias, prefix_k.astype(q.dtype),
+                                   prefix_v.astype(q.dtype))
         return self.o_proj(out), (k, v)

@@ -163,7 +163,8 @@ class InferenceWorker:
     def submit(self, inputs: ModelInputs, *, seed: int, settings: InferenceConfig | None = None,
                source: str = "api") -> Future:
         """Queues one job; its future holds the `TrajectorySamples` (timings include `queue_wait`),
-        or the job's exception. Raises `ServerStopping` once `close` was called."""
+        or the job's exception. Every clip of `inputs` samples from `key(seed)`. Raises
+        `ServerStopping` once `close` was called."""
         job = Job(inputs, int(seed), self.settings if settings is None else settings, source, Future(),
                   time.perf_counter())
         with self._lock:
@@ -225,9 +226,9 @@ class InferenceWorker:
         started = time.perf_counter()
         settings = batch[0].settings
         try:
-            if len(batch) == 1:
-                inputs, seeds = batch[0].inputs, [batch[0].seed]
-            else:
+            if len(batch) == 1:  # every clip of the job from the job's key
+                inputs, seeds = batch[0].inputs, [batch[0].seed] * batch[0].inputs.num_clips
+            else:  # one clip per job (`_batchable`)
                 size = next(size for size in self.batch_sizes if size >= len(batch))
                 fill = [batch[-1]] * (size - len(batch))  # fill-up rows, results dropped
                 inputs = concat_inputs([job.inputs for job in batch + fill])
@@ -249,7 +250,8 @@ class InferenceWorker:
             for stage, seconds in samples.timings.items():
                 self.metrics.observe("alpamayo_stage_seconds", seconds, source=job.source, stage=stage)
             timings = {"queue_wait": round(wait, 4), **samples.timings, "inference": elapsed}
-            job.future.set_result(dataclasses.replace(_clip_samples(samples, index), timings=timings))
+            own = samples if len(batch) == 1 else _clip_samples(samples, index)
+            job.future.set_result(dataclasses.replace(own, timings=timings))
 
     def _cancel_all(self) -> None:
         with self._lock:
