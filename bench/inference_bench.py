@@ -70,7 +70,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from alpamayo_jax.inference.generation import prefill  # noqa: E402
+from alpamayo_jax.inference.generation import cache_capacity, prefill  # noqa: E402
 from alpamayo_jax.inference.inference_config import InferenceConfig  # noqa: E402
 from alpamayo_jax.inference.pipeline import Pipeline, sample_from_inputs  # noqa: E402
 from alpamayo_jax.processing.prompt import encode_prompt  # noqa: E402
@@ -159,7 +159,8 @@ def jax_run(pipeline: Pipeline, inputs, settings: InferenceConfig, key) -> dict:
     total = time.perf_counter() - start
     generation = settings.generation_config(pipeline.config, pad_token_id=pipeline.tokenizer.pad_token_id)
     began = time.perf_counter()  # the prefill program alone (compiled by the run above)
-    jax.block_until_ready(prefill(pipeline.split, inputs, capacity=inputs.prompt_length + settings.max_new_tokens - 1,
+    jax.block_until_ready(prefill(pipeline.split, inputs, capacity=cache_capacity(inputs.prompt_length,
+                                                                                 settings.max_new_tokens),
                                   num_samples=1, stop_token_id=generation.stop_after_token_id))
     prefill_seconds = time.perf_counter() - began
     tokens = int(samples.num_generated_tokens.max())

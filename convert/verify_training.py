@@ -443,24 +443,49 @@ def _injected_flow_draws(model, timesteps: np.ndarray, noise: np.ndarray, record
         raise RuntimeError(f"expected one flow-time and one noise draw in the reference's forward, got {calls}")
 
 
+def _open_reference(reference_src: str | Path, hf_dir: str | Path) -> tuple[Path, Path, list[str]]:
+    """(tree root, checkpoint directory, notes) once the tree is checked and importable and
+    `hf_dir` is a Hugging Face checkpoint; the notes start with what importing torchvision took."""
+    root = check_reference(reference_src).absolute()
+    _prepend_path(root / "src", root)
+    notes: list[str] = []
+    import_torchvision(notes)
+    hf_dir = Path(hf_dir)
+    if not (hf_dir / "config.json").is_file():
+        raise ValueError(f"{hf_dir} is not a Hugging Face checkpoint directory (no config.json): the reference "
+                         "loads one")
+    return root, hf_dir, notes
+
+
+def _trainable_gradients(model, notes: list[str]) -> dict[str, np.ndarray]:
+    """name -> float32 gradient of every trainable parameter after `backward`; a note names those
+    that got none."""
+    import torch
+
+    gradients, missing = {}, []
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        if parameter.grad is None:
+            missing.append(name)
+        else:
+            gradients[name] = parameter.grad.detach().to(torch.float32).numpy().copy()
+    if missing:
+        notes.append(f"reference: {len(missing)} trainable parameter(s) got no gradient: {', '.join(missing[:5])}")
+    return gradients
+
+
 def reference_stage2(hf_dir: str | Path, clips: Sequence, *, processor_dir: str | Path,
                      reference_src: str | Path, flow_timesteps: np.ndarray, flow_noise: np.ndarray) -> ReferenceRun:
     """NVIDIA's stage-2 model from the Hugging Face checkpoint `hf_dir`, its data path on `clips`
     (`alpamayo_jax.processing.clip.Clip` with ground truth), the given flow draws injected, its loss
     backward in float32: the loss, every trainable parameter's gradient keyed by checkpoint key, and
     what it computed on the way."""
-    root = check_reference(reference_src).absolute()
-    _prepend_path(root / "src", root)
-    notes: list[str] = []
-    import_torchvision(notes)
+    root, hf_dir, notes = _open_reference(reference_src, hf_dir)
     import torch
     from alpamayo_r1.config import AlpamayoR1Config
     from finetune.sft.models.sft_alpamayo_r1 import TrainableAlpamayoR1
 
-    hf_dir = Path(hf_dir)
-    if not (hf_dir / "config.json").is_file():
-        raise ValueError(f"{hf_dir} is not a Hugging Face checkpoint directory (no config.json): the reference "
-                         "loads one")
     config = AlpamayoR1Config(**_reference_config(hf_dir, Path(processor_dir), notes))
     model = TrainableAlpamayoR1.from_pretrained(str(hf_dir), config=config, dtype=torch.float32,
                                                 cotrain_vlm=False, stop_grad_from_vlm=True)
@@ -494,16 +519,7 @@ def reference_stage2(hf_dir: str | Path, clips: Sequence, *, processor_dir: str 
     finally:
         for hook in hooks:
             hook.remove()
-    gradients, missing = {}, []
-    for name, parameter in model.named_parameters():
-        if not parameter.requires_grad:
-            continue
-        if parameter.grad is None:
-            missing.append(name)
-        else:
-            gradients[name] = parameter.grad.detach().to(torch.float32).numpy().copy()
-    if missing:
-        notes.append(f"reference: {len(missing)} trainable parameter(s) got no gradient: {', '.join(missing[:5])}")
+    gradients = _trainable_gradients(model, notes)
     actions = record["actions"]
     return ReferenceRun(loss=float(output.loss.detach()), gradients=gradients, actions=actions,
                         noisy_actions=record["noisy_actions"], timesteps=record["timesteps"],
@@ -557,17 +573,10 @@ def reference_stage1(hf_dir: str | Path, clips: Sequence, *, processor_dir: str 
     wrapper of its term function); the one change to its data path is `_structural_assistant_role`."""
     import tempfile
 
-    root = check_reference(reference_src).absolute()
-    _prepend_path(root / "src", root)
-    notes: list[str] = []
-    import_torchvision(notes)
+    root, hf_dir, notes = _open_reference(reference_src, hf_dir)
     import torch
     from finetune.sft.models.sft_base_model import TrainableReasoningVLA
 
-    hf_dir = Path(hf_dir)
-    if not (hf_dir / "config.json").is_file():
-        raise ValueError(f"{hf_dir} is not a Hugging Face checkpoint directory (no config.json): the reference "
-                         "loads one")
     with tempfile.TemporaryDirectory() as scratch:
         checkpoint = _stage1_checkpoint(hf_dir, Path(processor_dir), Path(scratch) / "checkpoint", notes)
         model = TrainableReasoningVLA.from_alpamayo_checkpoint(str(checkpoint),
@@ -605,16 +614,7 @@ def reference_stage1(hf_dir: str | Path, clips: Sequence, *, processor_dir: str 
 
     supervised = labels[:, 1:] != IGNORE_INDEX
     logits = output.logits.detach().to(torch.float32)[:, :-1][supervised].numpy().copy()
-    gradients, missing = {}, []
-    for name, parameter in model.named_parameters():
-        if not parameter.requires_grad:
-            continue
-        if parameter.grad is None:
-            missing.append(name)
-        else:
-            gradients[name] = parameter.grad.detach().to(torch.float32).numpy().copy()
-    if missing:
-        notes.append(f"reference: {len(missing)} trainable parameter(s) got no gradient: {', '.join(missing[:5])}")
+    gradients = _trainable_gradients(model, notes)
     return Stage1ReferenceRun(loss=float(output.loss.detach()), terms=dict(zip(("future_traj", "others"), terms)),
                               gradients=gradients, vlm_inputs=record["vlm"], supervised_logits=logits, notes=notes)
 

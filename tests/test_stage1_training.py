@@ -14,9 +14,9 @@ import pytest
 
 from alpamayo_jax.inference.pipeline import Pipeline
 from alpamayo_jax.processing.collate import collate
-from alpamayo_jax.processing.synthetic import synthetic_clip
 from alpamayo_jax.training.optimizer import OptimizerConfig, TrainingStage
-from alpamayo_jax.training.trainer import CHECKPOINT_DIR, METRICS_FILE, Trainer, train
+from alpamayo_jax.training.trainer import CHECKPOINT_DIR, METRICS_FILE, Trainer
+from tests.training_support import four_clips, run_training
 
 STEPS = 40
 # The stage-1 preset (vision tower at 0.1 x) with a learning rate and warmup for 40 steps, no accumulation.
@@ -31,17 +31,11 @@ def pipeline(fixture_dir):
 
 @pytest.fixture(scope="module")
 def clips():
-    """Four clips with ground truth: different speeds, turning left and right."""
-    return [synthetic_clip(i, image_size=(32, 48), speed=4.0 + 2 * i, curvature=0.01 * (i - 1.5), with_future=True)
-            for i in range(4)]
+    return four_clips()
 
 
 def run(pipeline, clips, run_dir, steps, **options):
-    trainer, state = Trainer.create(pipeline.model, OPTIMIZER, jax.random.key(0), stage=TrainingStage.VLM)
-    result = train(trainer, state, clips, split=pipeline.split, tokenizer=pipeline.tokenizer,
-                   chat_template=pipeline.chat_template, run_dir=run_dir, steps=steps, batch_size=2, seed=1,
-                   save_every=10, **options)
-    return trainer, result
+    return run_training(pipeline, clips, run_dir, steps, optimizer=OPTIMIZER, stage=TrainingStage.VLM, **options)
 
 
 @pytest.fixture(scope="module")

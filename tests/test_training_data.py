@@ -350,11 +350,13 @@ def test_messages_are_the_trajectory_only_conversation():
 
 @pytest.mark.parametrize(
     "in_hw, out_hw",
-    [((41, 70), (32, 48)), ((37, 53), (64, 96)), ((100, 30), (48, 16)), ((270, 480), (80, 144))],
+    [((41, 70), (32, 48)), ((37, 53), (64, 96)), ((100, 30), (48, 16)), ((270, 480), (80, 144)),
+     ((719, 1283), (320, 576)), ((33, 47), (64, 96)), ((61, 5), (32, 16))],
 )
 def test_float_resize_matches_torch(in_hw, out_hw):
     """A training image the pixel budget does not admit is resized in float (no uint8 rounding or
-    clamping), as PyTorch's float kernel does; agreement to a float32 ulp or two."""
+    clamping), as PyTorch's float kernel does, odd sizes and a rig frame included; agreement to a
+    float32 ulp or two."""
     torch = pytest.importorskip("torch")
     image = np.random.default_rng(sum(in_hw + out_hw)).integers(0, 256, (3, *in_hw)).astype(
         np.float32

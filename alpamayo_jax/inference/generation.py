@@ -322,6 +322,12 @@ decode_rollout = module_jit(_decode_fn, static_argnames=("config", "derive_key",
                             donate_argnames=("cache",))
 
 
+def cache_capacity(prompt_length: int, max_new_tokens: int) -> int:
+    """The KV cache slots of a rollout (`prefill`'s capacity): the prompt and every generated token
+    but the last, which is never fed back."""
+    return prompt_length + max_new_tokens - 1
+
+
 def generate(
     model: SplitModule[AlpamayoR1],
     inputs: ModelInputs,
@@ -357,7 +363,7 @@ def generate(
         raise ValueError(f"key must be one PRNG key or (clips,) keys, got shape {key.shape}")
     # Per-clip keys, or one clip (its key is its clip's key): one key per row.
     samples_per_key = num_samples if key.ndim == 1 or inputs.num_clips == 1 else None
-    capacity = inputs.prompt_length + config.max_new_tokens - 1
+    capacity = cache_capacity(inputs.prompt_length, config.max_new_tokens)
     cache, first_logits, rope_deltas, prompt_stop_index = prefill(
         model, inputs, capacity=capacity, num_samples=num_samples, stop_token_id=config.stop_after_token_id)
     return decode_rollout(model, cache, first_logits, rope_deltas, key, prompt_stop_index, config=config,

@@ -38,7 +38,11 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Ar
     A query that may attend to no key at all (left padding) gets zeros, as PyTorch's attention
     with a boolean mask gives: a bias of MASK_VALUE everywhere would instead attend to every key.
     """
-    out = jax.nn.dot_product_attention(q, k, v, bias=bias, scale=q.shape[-1] ** -0.5)
+    return _zero_unattended(jax.nn.dot_product_attention(q, k, v, bias=bias, scale=q.shape[-1] ** -0.5), bias)
+
+
+def _zero_unattended(out: jax.Array, bias: jax.Array | None) -> jax.Array:
+    """`out` (B, T, N, H) with zeros for the queries `bias` lets attend to no key."""
     if bias is None:
         return out
     attends = jnp.any(bias > MASK_VALUE, axis=-1, keepdims=True)  # (B | 1, N | 1, T | 1, 1)
@@ -81,10 +85,7 @@ def prefix_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array |
 
     out = (weighted(prefix_weights, prefix_v) + weighted(new_weights, v)) / total
     out = jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(batch, num_new, num_heads, head_dim).astype(q.dtype)
-    if bias is None:
-        return out
-    attends = jnp.any(bias > MASK_VALUE, axis=-1, keepdims=True)  # (B | 1, N | 1, T | 1, 1)
-    return jnp.where(jnp.swapaxes(attends, 1, 2), out, jnp.zeros((), out.dtype))
+    return _zero_unattended(out, bias)
 
 
 class Attention(nnx.Module):

@@ -22,7 +22,7 @@ from alpamayo_jax.data.iterator import DatasetSource  # noqa: E402
 from alpamayo_jax.data.synthetic_dataset import write_synthetic_dataset  # noqa: E402
 from alpamayo_jax.evaluation.evaluate import evaluate  # noqa: E402
 from alpamayo_jax.inference.inference_config import InferenceConfig  # noqa: E402
-from alpamayo_jax.inference.generation import prefill  # noqa: E402
+from alpamayo_jax.inference.generation import cache_capacity, prefill  # noqa: E402
 from alpamayo_jax.inference.pipeline import Pipeline  # noqa: E402
 from alpamayo_jax.nn.variables import module_variables  # noqa: E402
 from alpamayo_jax.io.convert import convert_checkpoint  # noqa: E402
@@ -46,7 +46,7 @@ def prefill_report(pipeline, inputs) -> dict:
     2-clip multimodal prefill, from the prefill `workload.run` compiled (so nothing compiles again)."""
     settings = workload.settings(pipeline)
     generation = settings.generation_config(pipeline.config, pad_token_id=pipeline.tokenizer.pad_token_id)
-    arguments = dict(capacity=inputs.prompt_length + generation.max_new_tokens - 1,
+    arguments = dict(capacity=cache_capacity(inputs.prompt_length, generation.max_new_tokens),
                      num_samples=settings.num_samples, stop_token_id=generation.stop_after_token_id)
     with pipeline.on_mesh():
         cache = prefill(pipeline.split, inputs, **arguments)[0]
