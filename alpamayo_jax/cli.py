@@ -91,13 +91,11 @@ def _checked_model(args: argparse.Namespace):
 def _run(pipeline, settings, args, *, noise, clip=None, inputs=None, model_name: str) -> dict:
     """Runs the pipeline on a clip or recorded inputs; writes --out (and --plot); returns the
     JSON-ready result."""
-    import jax
-
     from alpamayo_jax.inference.batch import result_record, write_result
-    from alpamayo_jax.inference.pipeline import sample_from_inputs, sample_trajectories
+    from alpamayo_jax.inference.pipeline import sample_from_inputs, sample_trajectories, seed_key
     from alpamayo_jax.processing.model_inputs import inputs_from_recorded
 
-    key = jax.random.key(args.seed)
+    key = seed_key(args.seed)
     if inputs is not None:
         samples = sample_from_inputs(pipeline, inputs_from_recorded(inputs, pipeline.config), key, settings,
                                      noise=noise)
@@ -142,6 +140,7 @@ def _batch(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from alpamayo_jax.inference.batch import clip_paths, run_clips
+    from alpamayo_jax.inference.pipeline import seed_key
 
     if args.batch_size is not None and args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -155,7 +154,7 @@ def _batch(args: argparse.Namespace) -> int:
             bar.update(1)
             bar.set_postfix_str(f"{path.stem}: {status}", refresh=False)
 
-        summary = run_clips(pipeline, paths, args.out_dir, jax.random.key(args.seed), settings,
+        summary = run_clips(pipeline, paths, args.out_dir, seed_key(args.seed), settings,
                             batch_size=args.batch_size, overwrite=args.overwrite, plots=args.plots,
                             on_clip=progress, provenance={"model": str(args.model), "seed": args.seed})
     print(f"{len(summary.written)} clips written, {len(summary.skipped)} skipped (results exist), "
@@ -554,7 +553,9 @@ def main(argv: list[str] | None = None) -> int:
                              help="bundle or Hugging Face directory")
         command.add_argument("--processor-dir", type=_existing_dir,
                              help="tokenizer/template for a Hugging Face --model")
-        command.add_argument("--dtype", choices=["float32", "bfloat16"], help="parameter dtype (default: as stored)")
+        command.add_argument("--dtype", choices=["float32", "bfloat16"],
+                             help="parameter dtype (default: as stored); bfloat16 computes as the "
+                                  "reference's autocast does (alpamayo_jax/nn/precision.py)")
         _cache_option(command)
         if not parallel:
             return

@@ -74,8 +74,8 @@ FSDP_RULES: dict[str, str | None] = {**LOGICAL_RULES, "embed": "data", "vision_e
 # embeddings an all-gather. Any other indivisible dimension is an error.
 VOCAB_WIDTH_FALLBACK: dict[str, str | None] = {"vocab": None, "embed": "model"}
 
-# Logical axes of the key/value cache (L, B, S, K, H).
-KV_CACHE_AXES = ("layers", "batch", "cache_length", "kv_heads", "head_dim")
+# Logical axes of the key/value cache (L, B, K, S, H).
+KV_CACHE_AXES = ("layers", "batch", "kv_heads", "cache_length", "head_dim")
 
 MESH_PRESETS: dict[str, tuple[int, int]] = {  # name -> (data, model)
     "single": (1, 1),

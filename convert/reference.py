@@ -7,8 +7,10 @@ token embedding). The small action input projection is restated here in PyTorch.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
+import types
 from pathlib import Path
 
 import torch
@@ -102,3 +104,37 @@ class TorchAlpamayo(nn.Module):
         out = self.expert(inputs_embeds=embeds, position_ids=position_ids, past_key_values=copy.deepcopy(cache),
                           attention_mask=attention_mask, use_cache=True, is_causal=False)
         return self.action_out_proj(out.last_hidden_state[:, -x.shape[1]:])
+
+
+def to_bfloat16(model: nn.Module) -> nn.Module:
+    """Parameters and stored buffers in bfloat16, as the reference's `from_pretrained(dtype=bfloat16)`
+    leaves them; the rotary inverse frequencies (non-persistent buffers) stay float32."""
+    stored = set(model.state_dict())
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if name in stored and tensor.is_floating_point():
+            tensor.data = tensor.data.to(torch.bfloat16)
+    return model
+
+
+def _float32_layer_norm(self: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    with torch.autocast("cpu", enabled=False):
+        return torch.nn.functional.layer_norm(x.float(), self.normalized_shape, self.weight.float(),
+                                              self.bias.float(), self.eps)
+
+
+@contextlib.contextmanager
+def cuda_autocast(model: nn.Module):
+    """`torch.autocast(bfloat16)` on the CPU with CUDA autocast's rules, which the reference runs
+    under: CPU autocast leaves LayerNorm in its input dtype (and rejects float32 inputs with
+    bfloat16 weights), CUDA autocast runs it in float32 and returns float32. Every other operation
+    the model uses follows the same rule on both devices (linear, matmul and attention in
+    bfloat16; the rest in its inputs' dtype)."""
+    norms = [module for module in model.modules() if isinstance(module, nn.LayerNorm)]
+    for norm in norms:
+        norm.forward = types.MethodType(_float32_layer_norm, norm)
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            yield
+    finally:
+        for norm in norms:
+            del norm.forward

@@ -91,9 +91,9 @@ def verify(model_path: str | Path, hf_dir: str | Path, *, processor_dir: str | P
                      position_ids=jnp.asarray(positions), cache=cache)
     errors.append(compare("prefill logits", ours.logits, theirs.logits.numpy(), tolerance))
     layers = theirs.past_key_values.layers
-    # transformers keeps (B, K, S, H) per layer; the cache here is (L, B, S, K, H).
-    their_k = np.stack([layer.keys.numpy() for layer in layers]).transpose(0, 1, 3, 2, 4)
-    their_v = np.stack([layer.values.numpy() for layer in layers]).transpose(0, 1, 3, 2, 4)
+    # transformers keeps (B, K, S, H) per layer, the layout of each layer of the cache here.
+    their_k = np.stack([layer.keys.numpy() for layer in layers])
+    their_v = np.stack([layer.values.numpy() for layer in layers])
     errors.append(compare("prefill keys", ours.k, their_k, tolerance))
     errors.append(compare("prefill values", ours.v, their_v, tolerance))
 

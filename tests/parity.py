@@ -28,7 +28,6 @@ def assert_close(actual, expected, rel: float, name: str) -> float:
 
 def fixture_cache(golden, kind: str, length: int) -> np.ndarray:
     """The fixture's post-generation keys or values (`kind` "k" or "v") in this project's
-    (L, B, S, K, H) cache layout, first `length` positions; the fixture stores (B, K, S, H) per layer."""
+    (L, B, K, S, H) cache layout, first `length` positions; the fixture stores (B, K, S, H) per layer."""
     layers = sorted(int(key.rsplit(".", 1)[1]) for key in golden if key.startswith(f"gen.kv_cache.{kind}."))
-    return np.stack([golden[f"gen.kv_cache.{kind}.{layer}"] for layer in layers]).transpose(0, 1, 3, 2, 4)[
-        :, :, :length]
+    return np.stack([golden[f"gen.kv_cache.{kind}.{layer}"] for layer in layers])[:, :, :, :length]

@@ -32,10 +32,10 @@ SHORT_CACHE_LENGTH, SHORT_OFFSET = 255, 256  # no <|traj_future_start|>: offset 
 
 
 def reference_cache(golden, length: int, capacity: int | None = None) -> KVCache:
-    """The fixture's post-generation cache in this project's (L, B, S, K, H) layout, in a buffer of
+    """The fixture's post-generation cache in this project's (L, B, K, S, H) layout, in a buffer of
     `capacity` slots of which the first `length` are filled."""
     k, v = fixture_cache(golden, "k", length), fixture_cache(golden, "v", length)
-    pad = [(0, 0), (0, 0), (0, (capacity or length) - length), (0, 0), (0, 0)]
+    pad = [(0, 0), (0, 0), (0, 0), (0, (capacity or length) - length), (0, 0)]
     mask = np.arange(capacity or length)[None] < length
     return KVCache(k=jnp.asarray(np.pad(k, pad)), v=jnp.asarray(np.pad(v, pad)), mask=jnp.asarray(mask),
                    length=jnp.asarray(length, jnp.int32))

@@ -26,14 +26,19 @@ from alpamayo_jax.compilation_cache import (
     resolve_cache_dir,
     setup_compilation_cache,
 )
+from alpamayo_jax.inference.pipeline import seed_key
 
 FIXTURE = Path(__file__).parent / "fixtures" / "tiny_ar1_dev"
 REPO = Path(__file__).parent.parent
 MAX_NEW_TOKENS = 8
 # The compiled stages of `sample_from_inputs`: prefill, decode loop, flow matching, rollout.
 STAGES = ["jit(_prefill_fn)", "jit(_decode_fn)", "jit(_denoise_fn)", "jit(_rollout_fn)"]
+# `Pipeline.prepare` of a clip: resize, normalisation, patches and history tokens in one program.
+PREPROCESS = ["jit(_program)"]
+MAX_PROGRAMS = 6  # of one `infer` call: preprocessing, prefill, decode loop, flow matching, rollout
 
-# One `infer` call as the CLI makes it (same settings as the warm-up below), in its own process.
+# One `infer` call as the CLI makes it (same settings as the warm-up below), in its own process:
+# the clip prepared, the key made from the seed, the stages run.
 CHILD = f"""
 import collections, json, sys
 import jax
@@ -44,19 +49,23 @@ jax.monitoring.register_event_listener(lambda event, **_: events.update([event])
 cache_dir = setup_compilation_cache()
 with count_compilations() as process:
     from alpamayo_jax.inference.inference_config import InferenceConfig
-    from alpamayo_jax.inference.pipeline import Pipeline, sample_from_inputs
+    from alpamayo_jax.inference.pipeline import Pipeline, sample_from_inputs, seed_key
     from alpamayo_jax.processing.synthetic import synthetic_clip
 
     pipeline = Pipeline.load({str(FIXTURE / "hf")!r}, processor_dir={str(FIXTURE / "vlm")!r})
     settings = InferenceConfig.from_model(pipeline.config, max_new_tokens={MAX_NEW_TOKENS})
-    key = jax.random.key(0)
-    with count_compilations() as preprocess:
-        inputs = pipeline.prepare(synthetic_clip(0, image_size=(32, 48)))
-    with count_compilations() as call:
-        samples = sample_from_inputs(pipeline, inputs, key, settings)
+    clip = synthetic_clip(0, image_size=(32, 48))
+    with count_compilations() as infer:
+        with count_compilations() as preprocess:
+            inputs = pipeline.prepare(clip)
+        with count_compilations() as seeding:
+            key = seed_key(0)
+        with count_compilations() as call:
+            samples = sample_from_inputs(pipeline, inputs, key, settings)
 print(json.dumps({{
     "cache_dir": None if cache_dir is None else str(cache_dir),
-    "call": call.programs, "preprocess": preprocess.programs, "process": process.programs,
+    "infer": infer.programs, "preprocess": preprocess.programs, "key": seeding.programs,
+    "call": call.programs, "process": process.programs,
     "hits": events["/jax/compilation_cache/cache_hits"],
     "misses": events["/jax/compilation_cache/cache_misses"],
     "xyz": samples.xyz.tolist(),
@@ -112,20 +121,42 @@ def test_second_process_compiles_nothing(warmed):
     assert [name for name, hit in warm["process"] if not hit] == [], warm["process"]
     assert warm["misses"] == 0 and warm["hits"] == len(warm["process"]) > len(STAGES), warm
     assert sorted(names(warm["call"])) == sorted(STAGES)
+    assert sorted(names(warm["infer"])) == sorted(PREPROCESS + STAGES)
     cold = run_child({ENV_VAR: "off"})
     np.testing.assert_array_equal(np.asarray(warm["xyz"]), np.asarray(cold["xyz"]))
 
 
 def test_one_call_compiles_its_stages_only(tmp_path):
-    """A cold `sample_from_inputs` call compiles its four stages and nothing else (no eager op, PRNG
-    split or reshape outside them); preprocessing (`Pipeline.prepare`) and the key are counted
-    apart. With the cache off nothing is written, not even the default directory."""
+    """A cold `infer` call compiles at most a handful of programs: preprocessing one (resize,
+    normalisation, patches and history tokens of the clip), the key from the seed none, and
+    `sample_from_inputs` its four stages and nothing else (no eager op, PRNG split or reshape
+    outside them). With the cache off nothing is written, not even the default directory."""
     cold = run_child({ENV_VAR: "off", "XDG_CACHE_HOME": str(tmp_path / "xdg")})
     assert cold["cache_dir"] is None and not (tmp_path / "xdg").exists()
+    assert names(cold["preprocess"]) == PREPROCESS, cold["preprocess"]
+    assert cold["key"] == []
     assert names(cold["call"]) == STAGES, cold["call"]
-    assert len(cold["call"]) <= 6
+    assert len(cold["infer"]) <= MAX_PROGRAMS, names(cold["infer"])
+    assert names(cold["infer"]) == PREPROCESS + STAGES
     assert cold["hits"] == cold["misses"] == 0
-    print(f"preprocessing compiled {len(cold['preprocess'])} programs: {names(cold['preprocess'])}")
+
+
+@pytest.mark.parametrize("x64", [False, True])
+def test_seed_key_is_jax_random_key(x64):
+    """The CLI's key (`seed_key`, made on the host, compiling nothing) is `jax.random.key(seed)`
+    for every seed that takes: the int64 range, cut to 32 bits unless 64-bit types are on."""
+    seeds = [0, 1, 42, -1, -7, 2**31 - 1, 2**31, 2**32 - 1, 2**32, 2**32 + 5, 2**40 + 3, -2**31 - 1,
+             2**63 - 1, -2**63]
+    with jax.enable_x64(x64):
+        with count_compilations() as count:
+            keys = [seed_key(seed) for seed in seeds]
+        assert count.programs == []
+        for seed, key in zip(seeds, keys):
+            expected = jax.random.key(seed)
+            assert key.dtype == expected.dtype and key.shape == expected.shape == ()
+            np.testing.assert_array_equal(jax.random.key_data(key), jax.random.key_data(expected), err_msg=str(seed))
+        with pytest.raises(OverflowError):
+            seed_key(2**63)
 
 
 # ---------------------------------------------------------------------------------------------

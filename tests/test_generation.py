@@ -92,9 +92,9 @@ def test_main_rollout_matches_reference(main_run, golden, fixture_inputs):
     assert int(run.cache.length) == 258 == PROMPT_LENGTH + steps - 1
     assert run.cache.capacity == PROMPT_LENGTH + 24 - 1
     for kind in ("k", "v"):
-        assert_close(getattr(run.cache, kind)[:, :, :258], fixture_cache(golden, kind, 258), rel=1e-5,
+        assert_close(getattr(run.cache, kind)[:, :, :, :258], fixture_cache(golden, kind, 258), rel=1e-5,
                      name=f"gen.kv_cache.{kind}")
-    assert not np.asarray(run.cache.k[:, :, 258:]).any()
+    assert not np.asarray(run.cache.k[:, :, :, 258:]).any()
 
     assert int(run.prompt_length) == PROMPT_LENGTH
     np.testing.assert_array_equal(np.asarray(run.has_stop_token), [True])
@@ -201,7 +201,7 @@ def test_samples_and_clips(tiny_split, golden, fixture_inputs, main_run):
     np.testing.assert_array_equal(np.asarray(broadcast.rope_deltas),
                                   np.repeat(golden["gen.rope_deltas"][:, 0], 4))
     alone_length = int(alone.cache.length)
-    assert_close(broadcast.cache.k[:, 2, :alone_length], alone.cache.k[:, 0, :alone_length], rel=1e-5,
+    assert_close(broadcast.cache.k[:, 2, :, :alone_length], alone.cache.k[:, 0, :, :alone_length], rel=1e-5,
                  name="second clip cache vs its own run")
 
 
@@ -283,7 +283,7 @@ class ScriptedModel:
     def run(self, config: GenerationConfig, key=None):
         cache = KVCache.empty(num_layers=1, batch=self.rows, capacity=FAKE_PROMPT + config.max_new_tokens - 1,
                               num_kv_heads=1, head_dim=1)
-        prompt = jnp.zeros((1, self.rows, FAKE_PROMPT, 1, 1))
+        prompt = jnp.zeros((1, self.rows, 1, FAKE_PROMPT, 1))
         cache = cache.append(prompt, prompt)
         key = jax.random.key(0) if key is None else key
         if config not in self.compiled:
@@ -300,9 +300,9 @@ def check_fed_tokens(result, rows):
     """Exactly the generated tokens but the last are in the cache, at index j + rope_delta."""
     steps = int(result.num_steps)
     assert int(result.cache.length) == FAKE_PROMPT + steps - 1
-    fed = np.asarray(result.cache.k[0, :, FAKE_PROMPT:FAKE_PROMPT + steps - 1, 0, 0]).astype(int)
+    fed = np.asarray(result.cache.k[0, :, 0, FAKE_PROMPT:FAKE_PROMPT + steps - 1, 0]).astype(int)
     np.testing.assert_array_equal(fed, np.asarray(result.raw_tokens)[:, :steps - 1])
-    positions = np.asarray(result.cache.v[0, :, FAKE_PROMPT:FAKE_PROMPT + steps - 1, 0, 0]).astype(int)
+    positions = np.asarray(result.cache.v[0, :, 0, FAKE_PROMPT:FAKE_PROMPT + steps - 1, 0]).astype(int)
     expected = np.arange(FAKE_PROMPT, FAKE_PROMPT + steps - 1)[None] + np.asarray(DELTAS[:rows])[:, None]
     np.testing.assert_array_equal(positions, expected)
 

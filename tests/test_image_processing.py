@@ -9,10 +9,12 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
+from alpamayo_jax.action.tokenizers import encode_history
+from alpamayo_jax.compilation_cache import count_compilations
 from alpamayo_jax.config import alpamayo_r1_10b, tiny
-from alpamayo_jax.processing import image as image_module
 from alpamayo_jax.processing.image import (
     flatten_camera_frames,
+    preprocess_clip,
     preprocess_images,
     resize_bicubic_aa,
     smart_resize,
@@ -259,20 +261,32 @@ def test_mixed_sizes_and_layouts_keep_image_order(cfg, float_resize):
 
 
 def test_one_compilation_per_resolution(cfg):
-    """A second call with frames of the same size compiles nothing; the frames of all cameras go
-    through each program in one call."""
-    programs = (image_module._width_program, image_module._height_program, image_module._patch_program)
+    """The frames of all cameras go through one program in one call (resize, normalisation and
+    patches together); a second call with frames of the same size compiles nothing."""
     frames = np.random.default_rng(5).integers(0, 256, (2, 3, 3, 53, 81), dtype=np.uint8)  # 2 cameras x 3 frames
     budget = {"vision": cfg.vision, "min_pixels": cfg.min_pixels, "max_pixels": cfg.max_pixels}
-    before = [p._cache_size() for p in programs]
-    first, _ = preprocess_images(flatten_camera_frames(frames), **budget)
-    after_first = [p._cache_size() for p in programs]
-    second, _ = preprocess_images(flatten_camera_frames(frames[::-1].copy()), **budget)
-    after_second = [p._cache_size() for p in programs]
-    new = [a - b for a, b in zip(after_first, before)]
-    # The width program is keyed by this test's input size; the others by the output size, which
-    # another test may have compiled already.
-    assert new[0] == 1 and new[1] <= 1 and new[2] <= 1, new
-    assert after_second == after_first
+    with count_compilations() as count:
+        first, _ = preprocess_images(flatten_camera_frames(frames), **budget)
+    assert [name for name, _ in count.programs] == ["jit(_program)"]
+    with count_compilations() as count:
+        second, _ = preprocess_images(flatten_camera_frames(frames[::-1].copy()), **budget)
+    assert count.programs == []
     rows = len(first) // 2
     np.testing.assert_array_equal(second[:rows], first[rows:])
+
+
+def test_clip_history_in_the_same_program(cfg):
+    """`preprocess_clip`: the pixels of `preprocess_images` and the history bins of
+    `encode_history`, from one program."""
+    frames = np.random.default_rng(6).integers(0, 256, (2, 2, 3, 45, 67), dtype=np.uint8)
+    xyz = np.cumsum(np.random.default_rng(7).normal(0.0, 0.4, (16, 3)), axis=0).astype(np.float32)
+    budget = {"vision": cfg.vision, "min_pixels": cfg.min_pixels, "max_pixels": cfg.max_pixels}
+    with count_compilations() as count:
+        pixels, grid, bins = preprocess_clip(flatten_camera_frames(frames), xyz,
+                                             history_tokenizer=cfg.history_tokenizer, **budget)
+    assert [name for name, _ in count.programs] == ["jit(_program)"]
+    expected_pixels, expected_grid = preprocess_images(flatten_camera_frames(frames), **budget)
+    np.testing.assert_array_equal(pixels, expected_pixels)
+    np.testing.assert_array_equal(grid, expected_grid)
+    assert bins.dtype == np.int64
+    np.testing.assert_array_equal(bins, np.asarray(encode_history(xyz, cfg.history_tokenizer)))

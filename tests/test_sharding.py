@@ -130,11 +130,11 @@ def test_parallel_pipeline_matches_single_device(multidevice, preset):
         assert 0.5 <= flops <= 0.505
     elif model == 2:
         assert flops < 0.6
-    # The cache: 8 rows over data, 2 key/value heads over model (L, B, S, K, H).
+    # The cache: 8 rows over data, 2 key/value heads over model (L, B, K, S, H).
     cache = result["kv_cache"]
     print(f"{preset}: KV cache {cache['shape']} as {cache['spec']}, {cache['block']} per device")
-    assert cache["spec"] == [None, "data" if data > 1 else None, None, "model" if model > 1 else None, None]
-    assert cache["block"] == [cache["shape"][0], 8 // data, cache["shape"][2], 2 // model, cache["shape"][4]]
+    assert cache["spec"] == [None, "data" if data > 1 else None, "model" if model > 1 else None, None, None]
+    assert cache["block"] == [cache["shape"][0], 8 // data, 2 // model, *cache["shape"][3:]]
 
 
 def test_10b_vocabulary_is_split_along_its_width(abstract_10b):

@@ -114,9 +114,9 @@ def test_matches_transformers_per_layer_logits_and_cache(model, reference):
                 return_layer_outputs=True)
     for index, (ours, theirs) in enumerate(zip(out.layer_outputs, reference["layer_outputs"], strict=True)):
         assert_close(ours, theirs, rel=1e-5, name=f"layer {index} output")
-    # Cache layout here is (L, B, T, K, H); transformers keeps (B, K, T, H) per layer.
-    assert_close(out.k, reference["k"].transpose(0, 1, 3, 2, 4), rel=1e-5, name="keys")
-    assert_close(out.v, reference["v"].transpose(0, 1, 3, 2, 4), rel=1e-5, name="values")
+    # The cache's layout (L, B, K, T, H): transformers keeps (B, K, T, H) per layer.
+    assert_close(out.k, reference["k"], rel=1e-5, name="keys")
+    assert_close(out.v, reference["v"], rel=1e-5, name="values")
     assert_close(out.logits, reference["logits"], rel=1e-4, name="logits")
 
 
@@ -147,8 +147,8 @@ def test_prefill_then_decode_equals_full_forward(model, reference):
     assert step._cache_size() == 2  # one compile for the prompt, one for every decode step
     assert int(cache.length) == LENGTH
     assert_close(jnp.concatenate(pieces, axis=1), full.logits, rel=1e-5, name="decoded logits")
-    assert_close(cache.k[:, :, :LENGTH], full.k, rel=1e-5, name="cached keys")
-    np.testing.assert_array_equal(np.asarray(cache.k[:, :, LENGTH:]), 0)
+    assert_close(cache.k[:, :, :, :LENGTH], full.k, rel=1e-5, name="cached keys")
+    np.testing.assert_array_equal(np.asarray(cache.k[:, :, :, LENGTH:]), 0)
 
 
 def test_default_positions_continue_from_the_cache(model, reference):

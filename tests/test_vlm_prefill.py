@@ -76,11 +76,11 @@ def test_prefill_fills_kv_cache(fixture_model, fixture_inputs, golden):
     assert_close(out.logits[:, 0], golden["vlm.logits"][:, -1], 1e-4, "last prefill logits")
     for layer in range(fixture_model.config.num_hidden_layers):
         for kind in ("k", "v"):
-            # reference layout (B, K, S, H); the cache is (L, B, S, K, H)
-            expected = golden[f"gen.kv_cache.{kind}.{layer}"][:, :, :prompt_len].transpose(0, 2, 1, 3)
-            actual = getattr(out.cache, kind)[layer, :, :prompt_len]
+            # the reference's layout (B, K, S, H) is the cache's per layer
+            expected = golden[f"gen.kv_cache.{kind}.{layer}"][:, :, :prompt_len]
+            actual = getattr(out.cache, kind)[layer, :, :, :prompt_len]
             assert_close(actual, expected, 1e-5, f"prefill cache {kind} layer {layer}")
-    assert not np.asarray(out.cache.k[:, :, prompt_len:]).any()
+    assert not np.asarray(out.cache.k[:, :, :, prompt_len:]).any()
 
 
 def test_placeholder_count_mismatch_raises(fixture_model, fixture_inputs):

@@ -141,7 +141,7 @@ class GenerationResult:
     #                     after the first stop token (`gen.sequences[:, L:]`)
     raw_tokens: jax.Array  # (B, N) int32: as generate appended them (`gen.sequences_raw[:, L:]`)
     num_steps: jax.Array  # () int32: generated tokens per row (equal for all rows)
-    cache: KVCache  # (L, B, S, K, H); length = prompt_length + num_steps - 1
+    cache: KVCache  # (L, B, K, S, H); length = prompt_length + num_steps - 1
     offsets: jax.Array  # (B,) int32: index of the first stop token in the full sequence + 1,
     #                      or prompt_length + num_steps (the full length) without one
     has_stop_token: jax.Array  # (B,) bool: the row contains the stop token

@@ -2,8 +2,9 @@
 
 `PerWaypointActionInProj` (the reference's `PerWaypointActionInProjV2`) encodes each waypoint's
 (acceleration, curvature) and the flow time with Fourier features, runs an MLP with RMSNorms and a
-final LayerNorm, and gives one expert input embedding per waypoint. It computes in float32 as the
-reference does (it upcasts its inputs).
+final LayerNorm, and gives one expert input embedding per waypoint. Its features are float32 (it
+upcasts its inputs, as the reference does), its linears compute in the parameter dtype and its
+LayerNorm returns float32 (`alpamayo_jax.nn.precision`).
 
 Shapes: B batch, W waypoints, C action channels (2), F Fourier features per encoder,
 E expert width.
@@ -20,7 +21,9 @@ from flax import nnx
 
 from alpamayo_jax.config import ActionInProjConfig
 from alpamayo_jax.nn.axes import axes
+from alpamayo_jax.nn.linear import Linear
 from alpamayo_jax.nn.norms import RMSNorm
+from alpamayo_jax.nn.precision import LAYER_NORM_DTYPE, silu
 from alpamayo_jax.nn.variables import Buffer
 
 
@@ -51,15 +54,15 @@ class MLPEncoder(nnx.Module):
     def __init__(self, num_inputs: int, num_layers: int, hidden: int, num_outputs: int, *,
                  param_dtype=jnp.float32, rngs: nnx.Rngs):
         def linear(n_in, n_out, names):
-            return nnx.Linear(n_in, n_out, param_dtype=param_dtype, kernel_metadata=axes(*names),
+            return Linear(n_in, n_out, param_dtype=param_dtype, kernel_metadata=axes(*names),
                               bias_metadata=axes(names[1]), rngs=rngs)
 
         def norm():
             return RMSNorm(hidden, eps=1e-5, axis_name="action_hidden", param_dtype=param_dtype, rngs=rngs)
 
-        trunk = [linear(num_inputs, hidden, ("action_features", "action_hidden")), jax.nn.silu]
+        trunk = [linear(num_inputs, hidden, ("action_features", "action_hidden")), silu]
         for _ in range(num_layers - 1):
-            trunk += [norm(), linear(hidden, hidden, (None, "action_hidden")), jax.nn.silu]
+            trunk += [norm(), linear(hidden, hidden, (None, "action_hidden")), silu]
         trunk += [norm(), linear(hidden, num_outputs, ("action_hidden", "embed"))]
         self.trunk = nnx.List(trunk)
 
@@ -83,7 +86,8 @@ class PerWaypointActionInProj(nnx.Module):
             (action_dim + 1) * config.num_fourier_feats, config.num_enc_layers, config.hidden_size, out_dim,
             param_dtype=param_dtype, rngs=rngs,
         )
-        self.norm = nnx.LayerNorm(out_dim, epsilon=1e-5, use_fast_variance=False, param_dtype=param_dtype,
+        self.norm = nnx.LayerNorm(out_dim, epsilon=1e-5, use_fast_variance=False, dtype=LAYER_NORM_DTYPE,
+                                  param_dtype=param_dtype,
                                   scale_metadata=axes("embed"), bias_metadata=axes("embed"), rngs=rngs)
 
     def __call__(self, x: jax.Array, t: jax.Array) -> jax.Array:

@@ -20,6 +20,7 @@ from alpamayo_jax.models.expert import ExpertContext, run_expert
 from alpamayo_jax.models.text import TextDecoder
 from alpamayo_jax.models.vlm import Qwen3VL
 from alpamayo_jax.nn.axes import axes
+from alpamayo_jax.nn.linear import Linear
 from alpamayo_jax.nn.variables import Buffer
 
 ACTION_DIM = 2  # (acceleration, curvature)
@@ -47,7 +48,7 @@ class AlpamayoR1(nnx.Module):
             config.action_in_proj, action_dim=ACTION_DIM, out_dim=config.expert.hidden_size,
             param_dtype=param_dtype, rngs=rngs,
         )
-        self.action_out_proj = nnx.Linear(
+        self.action_out_proj = Linear(
             config.expert.hidden_size, ACTION_DIM, param_dtype=param_dtype,
             kernel_metadata=axes("embed", "action_dim"), bias_metadata=axes("action_dim"), rngs=rngs,
         )

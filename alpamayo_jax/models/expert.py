@@ -11,7 +11,7 @@ positions `offset_i + rope_delta_i + k` (k = 0..T-1) on all three MRoPE axes, i.
 tokens would have gone, and cache columns from `offset_i` on (tokens a row generated after its
 `<|traj_future_start|>` while other rows were still running) are hidden.
 
-Shapes: B batch, T action tokens (waypoints), S cache capacity, L layers, K kv heads, H head_dim,
+Shapes: B batch, T action tokens (waypoints), L layers, K kv heads, S cache capacity, H head_dim,
 E expert width.
 """
 
@@ -30,8 +30,8 @@ from alpamayo_jax.nn.attention import bias_from_mask
 class ExpertContext:
     """What the expert reads from the language model for one batch of rows."""
 
-    k: jax.Array  # (L, B, S, K, H) cached keys, read only
-    v: jax.Array  # (L, B, S, K, H) cached values, read only
+    k: jax.Array  # (L, B, K, S, H) cached keys, read only
+    v: jax.Array  # (L, B, K, S, H) cached values, read only
     position_ids: jax.Array  # (3, B, T)
     bias: jax.Array  # (B, 1, 1, S + T) additive attention bias, the same for every action token, or
     #                  (B, 1, T, S + T) when the action tokens attend causally (the reference's training)

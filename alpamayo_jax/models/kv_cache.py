@@ -1,6 +1,10 @@
 """A static-shape key/value cache for prefill and incremental decoding.
 
-Shapes: L layers, B batch, S cache capacity (static), K key/value heads, H head_dim.
+Shapes: L layers, B batch, K key/value heads, S cache capacity (static), H head_dim.
+
+The layout (L, B, K, S, H) is the one attention reads: each layer's (B, K, S, H) block is a
+contiguous slice whose last two axes are the operands of the score and value products, so a
+decoding step writes its token in place and reads the cache without transposing or copying it.
 """
 
 from __future__ import annotations
@@ -26,15 +30,15 @@ class KVCache:
     (`alpamayo_jax.sharding.KV_CACHE_AXES`).
     """
 
-    k: jax.Array  # (L, B, S, K, H)
-    v: jax.Array  # (L, B, S, K, H)
+    k: jax.Array  # (L, B, K, S, H)
+    v: jax.Array  # (L, B, K, S, H)
     mask: jax.Array  # (B, S) bool: the slot holds a token that may be attended to
     length: jax.Array  # () int32: number of filled slots
 
     @classmethod
     def empty(cls, *, num_layers: int, batch: int, capacity: int, num_kv_heads: int, head_dim: int,
               dtype=jnp.float32) -> KVCache:
-        shape = (num_layers, batch, capacity, num_kv_heads, head_dim)
+        shape = (num_layers, batch, num_kv_heads, capacity, head_dim)
         return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), mask=jnp.zeros((batch, capacity), bool),
                    length=jnp.zeros((), jnp.int32)).constrained()
 
@@ -46,23 +50,23 @@ class KVCache:
 
     @property
     def capacity(self) -> int:
-        return self.k.shape[2]
+        return self.k.shape[3]
 
     def append(self, k_new: jax.Array, v_new: jax.Array, mask_new: jax.Array | None = None) -> KVCache:
-        """Writes (L, B, T, K, H) new keys/values at `length` and advances it by T; `mask_new`
+        """Writes (L, B, K, T, H) new keys/values at `length` and advances it by T; `mask_new`
         (B, T) bool marks which of them may be attended to (default: all).
 
         Writing past `capacity` would be clamped silently by XLA, so a concrete overflow raises here;
         inside jit the caller sizes the cache (generation allocates prompt + max_new_tokens).
         """
-        num_new = k_new.shape[2]
+        num_new = k_new.shape[3]
         if not isinstance(self.length, jax.core.Tracer) and int(self.length) + num_new > self.capacity:
             raise ValueError(
                 f"KV cache overflow: {int(self.length)} + {num_new} tokens > capacity {self.capacity}"
             )
         if mask_new is None:
-            mask_new = jnp.ones(k_new.shape[1:3], bool)
-        start = (0, 0, self.length, 0, 0)
+            mask_new = jnp.ones((k_new.shape[1], num_new), bool)
+        start = (0, 0, 0, self.length, 0)
         return KVCache(
             k=jax.lax.dynamic_update_slice(self.k, k_new.astype(self.k.dtype), start),
             v=jax.lax.dynamic_update_slice(self.v, v_new.astype(self.v.dtype), start),

@@ -4,7 +4,8 @@
 same stack without the token embedding. `CausalLM` adds the `lm_head` and a static KV cache.
 
 Shapes: B batch, T new tokens, S cache capacity, D width, V vocabulary, L layers,
-K key/value heads, H head_dim, J DeepStack feature sets.
+K key/value heads, H head_dim, J DeepStack feature sets. Keys and values are (L, B, K, S, H),
+the cache's layout (`alpamayo_jax.models.kv_cache`).
 """
 
 from __future__ import annotations
@@ -20,14 +21,15 @@ from alpamayo_jax.models.kv_cache import KVCache
 from alpamayo_jax.nn.attention import bias_from_mask, causal_mask
 from alpamayo_jax.nn.axes import axes
 from alpamayo_jax.nn.decoder_layer import DecoderLayer
+from alpamayo_jax.nn.linear import Linear
 from alpamayo_jax.nn.norms import RMSNorm
 from alpamayo_jax.nn.rotary import mrope_cos_sin
 
 
 class DecoderOutput(NamedTuple):
     hidden_states: jax.Array  # (B, T, D) after the final norm
-    k: jax.Array  # (L, B, T, K, H) keys of the new tokens, after k_norm and rotary
-    v: jax.Array  # (L, B, T, K, H)
+    k: jax.Array  # (L, B, K, T, H) keys of the new tokens (the cache's layout), after k_norm and rotary
+    v: jax.Array  # (L, B, K, T, H)
     layer_outputs: tuple[jax.Array, ...] | None  # L x (B, T, D), raw layer outputs (before DeepStack)
 
 
@@ -53,7 +55,7 @@ class TextDecoder(nnx.Module):
         inputs_embeds: jax.Array,  # (B, T, D)
         position_ids: jax.Array,  # (3, B, T) MRoPE (t, h, w) positions
         bias: jax.Array | None,  # broadcastable to (B, N, T, S + T) (S = 0 without prefix)
-        prefix_kv: tuple[jax.Array, jax.Array] | None = None,  # (L, B, S, K, H) each, read only
+        prefix_kv: tuple[jax.Array, jax.Array] | None = None,  # (L, B, K, S, H) each, read only
         deepstack_embeds: jax.Array | None = None,  # (J, B, T, D), added after layers 0..J-1
         return_layer_outputs: bool = False,
         remat: bool = False,
@@ -96,8 +98,8 @@ class LMOutput(NamedTuple):
     logits: jax.Array  # (B, T, V), or (B, n, V) with num_logits=n (the last n positions)
     hidden_states: jax.Array  # (B, T, D) after the final norm
     cache: KVCache | None  # the cache with the new tokens appended (None if none was given)
-    k: jax.Array  # (L, B, T, K, H) keys of the new tokens
-    v: jax.Array  # (L, B, T, K, H) values of the new tokens
+    k: jax.Array  # (L, B, K, T, H) keys of the new tokens
+    v: jax.Array  # (L, B, K, T, H) values of the new tokens
     layer_outputs: tuple[jax.Array, ...] | None
 
 
@@ -111,7 +113,7 @@ class CausalLM(nnx.Module):
         self.config = config
         self.language_model = TextDecoder(config, vocab_size=config.vocab_size, param_dtype=param_dtype,
                                           rngs=rngs)
-        self.lm_head = nnx.Linear(config.hidden_size, config.vocab_size, use_bias=False,
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, use_bias=False,
                                   param_dtype=param_dtype, kernel_metadata=axes("embed", "vocab"), rngs=rngs)
 
     def embed(self, input_ids: jax.Array) -> jax.Array:

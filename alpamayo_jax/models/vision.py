@@ -30,6 +30,8 @@ from flax import nnx
 from alpamayo_jax.config import VisionConfig
 from alpamayo_jax.nn.attention import dot_product_attention
 from alpamayo_jax.nn.axes import axes
+from alpamayo_jax.nn.linear import Linear
+from alpamayo_jax.nn.precision import LAYER_NORM_DTYPE, gelu
 from alpamayo_jax.nn.rotary import apply_rotary, inverse_frequencies
 from alpamayo_jax.numerics import torch_linspace_f32
 
@@ -163,18 +165,14 @@ def attention_segments(grid: ImageGrid) -> tuple[tuple[int, int, int], ...]:
 
 def _layer_norm(dim: int, axis_name: str, config: VisionConfig, param_dtype, rngs) -> nnx.LayerNorm:
     # Two-pass variance, as torch computes it (the fast E[x^2] - E[x]^2 form loses precision).
-    return nnx.LayerNorm(dim, epsilon=config.layer_norm_eps, use_fast_variance=False, param_dtype=param_dtype,
-                         scale_metadata=axes(axis_name), bias_metadata=axes(axis_name), rngs=rngs)
+    return nnx.LayerNorm(dim, epsilon=config.layer_norm_eps, use_fast_variance=False, dtype=LAYER_NORM_DTYPE,
+                         param_dtype=param_dtype, scale_metadata=axes(axis_name), bias_metadata=axes(axis_name),
+                         rngs=rngs)
 
 
-def _linear(n_in: int, n_out: int, names: tuple[str, str], param_dtype, rngs) -> nnx.Linear:
-    return nnx.Linear(n_in, n_out, param_dtype=param_dtype, kernel_metadata=axes(*names),
+def _linear(n_in: int, n_out: int, names: tuple[str, str], param_dtype, rngs) -> Linear:
+    return Linear(n_in, n_out, param_dtype=param_dtype, kernel_metadata=axes(*names),
                       bias_metadata=axes(names[1]), rngs=rngs)
-
-
-def _gelu(x: jax.Array, *, approximate: bool) -> jax.Array:
-    # Evaluated in float32 and rounded once, like torch's low-precision GELU kernels.
-    return jax.nn.gelu(x.astype(jnp.float32), approximate=approximate).astype(x.dtype)
 
 
 class PatchEmbed(nnx.Module):
@@ -185,7 +183,7 @@ class PatchEmbed(nnx.Module):
         # The Conv3d kernel shape travels as metadata so export can restore the checkpoint layout.
         conv_shape = (config.hidden_size, config.in_channels, config.temporal_patch_size,
                       config.patch_size, config.patch_size)
-        self.proj = nnx.Linear(config.patch_dim, config.hidden_size, param_dtype=param_dtype,
+        self.proj = Linear(config.patch_dim, config.hidden_size, param_dtype=param_dtype,
                                kernel_metadata={**axes("vision_patch", "vision_embed"), "conv_shape": conv_shape},
                                bias_metadata=axes("vision_embed"), rngs=rngs)
 
@@ -234,7 +232,7 @@ class VisionMLP(nnx.Module):
         self.linear_fc2 = _linear(m, e, ("vision_mlp", "vision_embed"), param_dtype, rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.linear_fc2(_gelu(self.linear_fc1(x), approximate=True))
+        return self.linear_fc2(gelu(self.linear_fc1(x), approximate=True))
 
 
 class VisionBlock(nnx.Module):
@@ -277,7 +275,7 @@ class PatchMerger(nnx.Module):
             x = self.norm(x.reshape(-1, self.merged_dim))
         else:
             x = self.norm(x).reshape(-1, self.merged_dim)
-        return self.linear_fc2(_gelu(self.linear_fc1(x), approximate=False))
+        return self.linear_fc2(gelu(self.linear_fc1(x), approximate=False))
 
 
 class VisionIntermediates(NamedTuple):

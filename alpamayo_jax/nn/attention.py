@@ -18,7 +18,7 @@ from alpamayo_jax.nn.rotary import apply_rotary
 # Additive bias for masked attention entries, as the reference's float masks use.
 MASK_VALUE = float(jnp.finfo(jnp.float32).min)
 
-KV = tuple[jax.Array, jax.Array]  # keys, values: (B, S, K, H) each
+KV = tuple[jax.Array, jax.Array]  # keys, values: (B, K, S, H) each, the KV cache's layout
 
 
 def bias_from_mask(mask: jax.Array) -> jax.Array:
@@ -32,60 +32,68 @@ def causal_mask(num_tokens: int) -> jax.Array:
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None) -> jax.Array:
-    """softmax(q k^T / sqrt(H) + bias) v with GQA; softmax in float32.
+    """softmax(q k^T / sqrt(H) + bias) v with GQA (`block_attention` over one block of keys).
 
     q (B, T, N, H); k, v (B, S, K, H); bias broadcastable to (B, N, T, S). Returns (B, T, N, H).
-    A query that may attend to no key at all (left padding) gets zeros, as PyTorch's attention
-    with a boolean mask gives: a bias of MASK_VALUE everywhere would instead attend to every key.
     """
-    return _zero_unattended(jax.nn.dot_product_attention(q, k, v, bias=bias, scale=q.shape[-1] ** -0.5), bias)
-
-
-def _zero_unattended(out: jax.Array, bias: jax.Array | None) -> jax.Array:
-    """`out` (B, T, N, H) with zeros for the queries `bias` lets attend to no key."""
-    if bias is None:
-        return out
-    attends = jnp.any(bias > MASK_VALUE, axis=-1, keepdims=True)  # (B | 1, N | 1, T | 1, 1)
-    return jnp.where(jnp.swapaxes(attends, 1, 2), out, jnp.zeros((), out.dtype))
+    return block_attention(q, [(jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), bias)])
 
 
 def prefix_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None, prefix_k: jax.Array,
                      prefix_v: jax.Array) -> jax.Array:
-    """`dot_product_attention` over [prefix || new] keys without joining them: the scores of the
-    prefix (S) and of the new tokens (T) share one softmax, and each set of values is weighted
-    on its own. Joining a long cached prefix to one new token would copy the whole cache in every
-    layer at every step.
+    """`dot_product_attention` over [prefix || new] keys without joining them. Joining a long
+    cached prefix to one new token would copy the whole cache in every layer at every step.
 
-    q (B, T, N, H); k, v (B, T, K, H); prefix_k, prefix_v (B, S, K, H); bias broadcastable to
-    (B, N, T, S + T) as for the joined keys. Returns (B, T, N, H)."""
-    batch, num_new, num_heads, head_dim = q.shape
-    num_prefix, num_kv = prefix_k.shape[1], k.shape[2]
-    group = num_heads // num_kv
-    qg = q.reshape(batch, num_new, num_kv, group, head_dim) * jnp.asarray(head_dim ** -0.5, q.dtype)
-
-    def scores(keys, part_bias):  # (B, K, G, T, len)
-        out = jnp.einsum("btkgh,bskh->bkgts", qg, keys, preferred_element_type=jnp.float32)
-        if part_bias is None:
-            return out
-        part_bias = jnp.asarray(part_bias, jnp.float32)
-        heads = part_bias.shape[1]
-        part_bias = part_bias.reshape(part_bias.shape[0], num_kv if heads > 1 else 1, group if heads > 1 else 1,
-                                      *part_bias.shape[2:])
-        return out + part_bias
-
+    q (B, T, N, H); k, v (B, K, T, H); prefix_k, prefix_v (B, K, S, H), the cache's layout (the
+    products read them as stored); bias broadcastable to (B, N, T, S + T) as for the joined keys.
+    Returns (B, T, N, H)."""
+    num_prefix = prefix_k.shape[2]
     prefix_bias = None if bias is None else bias[..., :num_prefix]
     new_bias = None if bias is None else bias[..., num_prefix:]
-    prefix_scores, new_scores = scores(prefix_k, prefix_bias), scores(k, new_bias)
-    peak = jnp.maximum(prefix_scores.max(axis=-1, keepdims=True), new_scores.max(axis=-1, keepdims=True))
-    prefix_weights, new_weights = jnp.exp(prefix_scores - peak), jnp.exp(new_scores - peak)
-    total = prefix_weights.sum(axis=-1, keepdims=True) + new_weights.sum(axis=-1, keepdims=True)
-    def weighted(weights, values):  # (B, K, G, T, H) float32
-        return jnp.einsum("bkgts,bskh->bkgth", weights.astype(values.dtype), values,
-                          preferred_element_type=jnp.float32)
+    return block_attention(q, [(prefix_k, prefix_v, prefix_bias), (k, v, new_bias)])
 
-    out = (weighted(prefix_weights, prefix_v) + weighted(new_weights, v)) / total
+
+def block_attention(q: jax.Array, blocks: list[tuple[jax.Array, jax.Array, jax.Array | None]]) -> jax.Array:
+    """Attention of q (B, T, N, H) over the keys of several blocks sharing one softmax; each block
+    is (keys (B, K, S_i, H), values (B, K, S_i, H), bias broadcastable to (B, N, T, S_i) or None).
+
+    The arithmetic of PyTorch's fused attention kernels, which the reference runs: scores and
+    softmax statistics in float32, the unnormalised weights exp(s - max) rounded to the values'
+    dtype for the weighted sum (accumulated in float32), the division by the weights' sum last,
+    one rounding to q's dtype. (In bfloat16, normalising before rounding the weights gives other
+    values.) A query that may attend to no key at all (left padding) gets zeros, as PyTorch's
+    attention with a boolean mask gives; a bias of MASK_VALUE everywhere would instead attend to
+    every key. Returns (B, T, N, H).
+    """
+    batch, num_new, num_heads, head_dim = q.shape
+    num_kv = blocks[0][0].shape[1]
+    group = num_heads // num_kv
+    qg = q.reshape(batch, num_new, num_kv, group, head_dim)
+
+    def scores(keys, bias):  # (B, K, G, T, S_i) float32
+        out = jnp.einsum("btkgh,bksh->bkgts", qg, keys, preferred_element_type=jnp.float32) * head_dim ** -0.5
+        if bias is None:
+            return out
+        bias = jnp.asarray(bias, jnp.float32)
+        heads = bias.shape[1]
+        return out + bias.reshape(bias.shape[0], num_kv if heads > 1 else 1, group if heads > 1 else 1,
+                                  *bias.shape[2:])
+
+    block_scores = [scores(keys, bias) for keys, _, bias in blocks]
+    peak = block_scores[0].max(axis=-1, keepdims=True)
+    for part in block_scores[1:]:
+        peak = jnp.maximum(peak, part.max(axis=-1, keepdims=True))
+    weights = [jnp.exp(part - peak) for part in block_scores]
+    total = sum(part.sum(axis=-1, keepdims=True) for part in weights)
+    out = sum(jnp.einsum("bkgts,bksh->bkgth", part.astype(values.dtype), values, preferred_element_type=jnp.float32)
+              for part, (_, values, _) in zip(weights, blocks, strict=True)) / total
     out = jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(batch, num_new, num_heads, head_dim).astype(q.dtype)
-    return _zero_unattended(out, bias)
+    attends = jnp.zeros((), bool)
+    for _, _, bias in blocks:
+        if bias is None:
+            return out
+        attends = attends | jnp.any(bias > MASK_VALUE, axis=-1, keepdims=True)  # (B | 1, N | 1, T | 1, 1)
+    return jnp.where(jnp.swapaxes(attends, 1, 2), out, jnp.zeros((), out.dtype))
 
 
 class Attention(nnx.Module):
@@ -94,9 +102,11 @@ class Attention(nnx.Module):
 
     def __init__(self, config: DecoderConfig, *, param_dtype=jnp.float32, rngs: nnx.Rngs):
         d, n, k, h = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        self.dtype = param_dtype  # the attention products' dtype (`alpamayo_jax.nn.precision`)
 
         def proj(einsum: str, shape, names):
-            return nnx.Einsum(einsum, shape, param_dtype=param_dtype, kernel_metadata=axes(*names), rngs=rngs)
+            return nnx.Einsum(einsum, shape, dtype=param_dtype, param_dtype=param_dtype,
+                              kernel_metadata=axes(*names), rngs=rngs)
 
         self.q_proj = proj("btd,dnh->btnh", (d, n, h), ("embed", "heads", "head_dim"))
         self.k_proj = proj("btd,dkh->btkh", (d, k, h), ("embed", "kv_heads", "head_dim"))
@@ -114,15 +124,17 @@ class Attention(nnx.Module):
         bias: jax.Array | None,  # broadcastable to (B, N, T, S + T)
         prefix_kv: KV | None = None,
     ) -> tuple[jax.Array, KV]:
-        """Returns the output (B, T, D) and this call's own keys/values (B, T, K, H), keys after
-        k_norm and rotary, ready to be stored in a cache."""
+        """Returns the output (B, T, D) and this call's own keys/values in the cache's layout
+        (B, K, T, H), keys after k_norm and rotary."""
         q = apply_rotary(self.q_norm(self.q_proj(x)), cos, sin)
         k = apply_rotary(self.k_norm(self.k_proj(x)), cos, sin)
         v = self.v_proj(x)
+        new_kv = (jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2))
+        q = q.astype(self.dtype)
         if prefix_kv is None:
-            out = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), bias)
+            out = dot_product_attention(q, k.astype(self.dtype), v.astype(self.dtype), bias)
         else:
-            prefix_k, prefix_v = prefix_kv
-            out = prefix_attention(q, k.astype(q.dtype), v.astype(q.dtype), bias, prefix_k.astype(q.dtype),
-                                   prefix_v.astype(q.dtype))
-        return self.o_proj(out), (k, v)
+            (prefix_k, prefix_v), (k, v) = prefix_kv, new_kv
+            out = prefix_attention(q, k.astype(self.dtype), v.astype(self.dtype), bias,
+                                   prefix_k.astype(self.dtype), prefix_v.astype(self.dtype))
+        return self.o_proj(out), new_kv

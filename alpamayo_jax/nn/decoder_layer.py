@@ -28,7 +28,7 @@ class DecoderLayer(nnx.Module):
         cos: jax.Array,  # (B, T, H)
         sin: jax.Array,  # (B, T, H)
         bias: jax.Array | None,  # broadcastable to (B, N, T, S + T)
-        prefix_kv: KV | None = None,  # (B, S, K, H) each, read only
+        prefix_kv: KV | None = None,  # (B, K, S, H) each, read only
     ) -> tuple[jax.Array, KV]:
         attn_out, kv = self.self_attn(self.input_layernorm(x), cos, sin, bias, prefix_kv)
         x = x + attn_out

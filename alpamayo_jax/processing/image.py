@@ -17,19 +17,21 @@ resize runs PyTorch's float kernel (the same taps with float32 weights, no round
 clamping) and the normalisation is (x - mean) / std.
 
 Where the work happens. Steps 2-4 run on the default JAX device, fed the raw uint8 frames, as
-three jitted programs called one after the other (the width pass; the height pass; normalisation
-and patches: one program each, see `_width_program`); all frames of one size and layout (every
-camera of a rig, usually) go through them together, in one call each. Only the filter taps are
-made on the host, by numpy: per axis an (out, K) table of source indices and weights, K the taps
-of the widest output pixel, so O(out * K) host work whatever the input size. Each pass gathers
-its K taps per output pixel along one axis. The uint8 path multiplies them by the int16 weights
-and sums in int32, the reference's own integer arithmetic, exact on every backend; the float
-path sums tap by tap in float32 in the reference's order, each product and sum rounded. The
-uint8-to-float maps are lookups in tables numpy made, never divisions on the device.
+one jitted program (`_program`) for all images of a call: the frames of one size and layout
+(every camera of a rig, usually) go through it together, each pass's result materialised
+row-major as separate programs would (see `_row_major`). A clip's ego-history tokens can be
+computed in the same program (`preprocess_clip`). Only the filter taps are made on the host, by
+numpy: per axis an (out, K) table of source indices and weights, K the taps of the widest
+output pixel, so O(out * K) host work whatever the input size. Each pass gathers its K taps per
+output pixel along one axis. The uint8 path multiplies them by the int16 weights and sums in
+int32, the reference's own integer arithmetic, exact on every backend; the float path sums tap
+by tap in float32 in the reference's order, each product and sum rounded. The uint8-to-float
+maps are lookups in tables numpy made, never divisions on the device.
 
-Compilation. The programs are specialised to the number of frames, their size and layout
-(channels first or last) and the output size, which `smart_resize` fixes from the input size:
-a rig of fixed cameras compiles each once per resolution, on its first call (`jax.jit`'s cache).
+Compilation. The program is specialised to the number of frames of each size and layout, their
+size and layout (channels first or last), the output size, which `smart_resize` fixes from the
+input size, and the history length: a rig of fixed cameras compiles it once per resolution, on
+its first call (`jax.jit`'s cache).
 
 Shapes: C channels (3), H x W input pixels, h x w resized pixels, T temporal_patch_size,
 P patch_size, m spatial_merge_size, N images, n frames of one size in one program,
@@ -41,13 +43,16 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import einops
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental.layout import Layout, with_layout_constraint
 
-from alpamayo_jax.config import VisionConfig
+from alpamayo_jax.action.tokenizers import encode_history
+from alpamayo_jax.config import HistoryTokenizerConfig, VisionConfig
 
 IMAGE_MEAN = (0.5, 0.5, 0.5)
 IMAGE_STD = (0.5, 0.5, 0.5)
@@ -385,47 +390,51 @@ def patchify(pixels, vision: VisionConfig) -> jax.Array:
 
 
 # ---------------------------------------------------------------------------------------------
-# The programs: width pass, height pass, normalisation + patches (each jitted)
+# The program: resize, normalisation and patches of all frames of a call (one jit)
 # ---------------------------------------------------------------------------------------------
-# One program per step: compiled together, XLA fuses each step into the next one's gathers or
-# transposes (recomputing the width pass once per height tap, the height pass once per copy of
-# a patch) or lays the intermediate out column-major, all slower on CPU than materialising it.
-# A program boundary materialises it, row-major.
+# Left to itself, XLA fuses each step into the next one's gathers or transposes (recomputing
+# the height pass once per copy of a patch) and lays the width pass's result out transposed:
+# on CPU about twice as slow as materialising each step on the uint8 path, twenty times on the
+# float path (16 x 1080 x 1920 frames). `_row_major` pins the result of each pass to a row-major
+# buffer, a program boundary inside the program: the steps compile as they would alone, into one
+# executable, as fast as three programs. (`jax.lax.optimization_barrier` does not do this: the
+# compiled program has no trace of it.)
 
 
-@functools.partial(jax.jit, static_argnames=("width", "float_resize", "channels_last"))
-def _width_program(
-    frames: jax.Array | tuple[jax.Array, ...],  # (n, 3, H, W) or n x (3, H, W); channels_last: (H, W, 3)
+def _row_major(x: jax.Array) -> jax.Array:
+    """`x` materialised in row-major order (see above)."""
+    return with_layout_constraint(x, Layout(tuple(range(x.ndim))))
+
+
+class _Group(NamedTuple):
+    """The frames of one size and layout in a call (static): their indices in the call's image
+    order, their size after the resize and whether they are channels-last."""
+
+    images: tuple[int, ...]
+    size: tuple[int, int]  # (h, w)
+    channels_last: bool
+
+
+def _resize(
+    x: jax.Array,  # (n, 3, H, W) or (n, H, W, 3): uint8, or float32 for the float path
+    size: tuple[int, int],
+    *,
+    float_resize: bool,
+    channels_last: bool,
     levels: jax.Array | None,  # float path on uint8 frames: (256,) float32 value of each level
     zero: jax.Array,  # () float32 0.0 (`_resample_float`)
-    *,
-    width: int,
-    float_resize: bool,
-    channels_last: bool,
-) -> jax.Array:  # (n, 3, H, width) or (n, H, width, 3): uint8, float32 on the float path
-    """Stacks n frames of one size (a tuple) and resamples their width (`_resample`)."""
+) -> jax.Array:  # (n, 3, h, w) or (n, h, w, 3): uint8, float32 on the float path
+    """The width pass, then the height pass (`_resample`; a pass that keeps its size is skipped),
+    each materialised row-major."""
     prepare = _identity if levels is None else (lambda v: levels[v.astype(jnp.int32)])
-    x = jnp.stack(frames) if isinstance(frames, tuple) else frames
-    return _resample(x, width, 2 if channels_last else 3, float_resize=float_resize, prepare=prepare, zero=zero)
+    height_axis = 1 if channels_last else 2
+    wide = _resample(x, size[1], height_axis + 1, float_resize=float_resize, prepare=prepare, zero=zero)
+    x = x if wide is x else _row_major(wide)
+    resized = _resample(x, size[0], height_axis, float_resize=float_resize, zero=zero)
+    return x if resized is x else _row_major(resized)
 
 
-@functools.partial(jax.jit, static_argnames=("height", "float_resize", "channels_last"))
-def _height_program(
-    x: jax.Array,  # the output of `_width_program`
-    zero: jax.Array,  # () float32 0.0 (`_resample_float`)
-    *,
-    height: int,
-    float_resize: bool,
-    channels_last: bool,
-) -> jax.Array:  # (n, 3, height, w) or (n, height, w, 3)
-    """Resamples the height of `_width_program`'s output (`_resample`)."""
-    return _resample(x, height, 1 if channels_last else 2, float_resize=float_resize, zero=zero)
-
-
-@functools.partial(
-    jax.jit, static_argnames=("float_resize", "channels_last", "patch_size", "merge_size", "temporal")
-)
-def _patch_program(
+def _normalize(
     x: jax.Array,  # (n, 3, h, w) or (n, h, w, 3) resized frames: uint8, float32 on the float path
     levels: jax.Array,  # uint8 path: (3, 256) float32 normalised value per channel and level
     mean: jax.Array,  # float path: (3,) float32
@@ -433,12 +442,8 @@ def _patch_program(
     *,
     float_resize: bool,
     channels_last: bool,
-    patch_size: int,
-    merge_size: int,
-    temporal: int,
-) -> jax.Array:  # (n * h/P * w/P, 3 * T * P * P) float32
-    """Normalises resized frames and cuts them into patch rows (`_normalization_tables`,
-    `_patch_rows`).
+) -> jax.Array:  # float32, x's shape
+    """Normalised pixels (`_normalization_tables`).
 
     Every uint8-to-float map is a lookup in a table the host made with numpy: XLA turns a
     division by a constant, or by any scalar, into a multiplication by its rounded reciprocal,
@@ -446,16 +451,53 @@ def _patch_program(
     """
     channel_shape = (1, 1, 1, 3) if channels_last else (1, 3, 1, 1)
     if float_resize:
-        pixels = (x - mean.reshape(channel_shape)) * inverse_std.reshape(channel_shape)
-    else:
-        pixels = levels[jnp.arange(3).reshape(channel_shape), x.astype(jnp.int32)]
-    return _patch_rows(pixels, patch_size, merge_size, temporal, channels_last)
+        return (x - mean.reshape(channel_shape)) * inverse_std.reshape(channel_shape)
+    return levels[jnp.arange(3).reshape(channel_shape), x.astype(jnp.int32)]
+
+
+@functools.partial(jax.jit, static_argnames=("groups", "float_resize", "patches", "history"))
+def _program(
+    frames: tuple,  # per group: an (n, 3, H, W) or (n, H, W, 3) array, or its n frames (stacked here)
+    tables: tuple[jax.Array, ...],  # `_normalization_tables(float_resize)` and a float32 0.0
+    history_xyz: jax.Array | None,  # with `history`: (T, 3) float32 ego history
+    *,
+    groups: tuple[_Group, ...],
+    float_resize: bool,
+    patches: tuple[int, int, int] | None,  # (P, m, T); None: the resized frames of the one group
+    history: HistoryTokenizerConfig | None,
+) -> tuple[jax.Array, jax.Array | None]:
+    """All frames of a call -> (their patch rows in image order (S, 3 * T * P * P) float32, or the
+    resized frames; the history bins (3T,) int32 (`encode_history`) or None).
+
+    The frames are uint8, or float32 for the float resize of float images
+    (`resize_bicubic_aa_float`); uint8 frames on the float path are mapped to x / 255 as the width
+    pass gathers them.
+    """
+    width_levels, levels, mean, inverse_std, zero = tables
+    outputs = []
+    for group, x in zip(groups, frames):
+        x = jnp.stack(x) if isinstance(x, tuple) else x
+        x = _resize(x, group.size, float_resize=float_resize, channels_last=group.channels_last,
+                    levels=width_levels if float_resize and x.dtype == jnp.uint8 else None, zero=zero)
+        if patches is not None:
+            pixels = _normalize(x, levels, mean, inverse_std, float_resize=float_resize,
+                                channels_last=group.channels_last)
+            x = _patch_rows(pixels, *patches, channels_last=group.channels_last)
+        outputs.append(x)
+    bins = None if history is None else encode_history(history_xyz, history)
+    if len(groups) == 1:
+        return outputs[0], bins
+    pieces = {}
+    for group, rows in zip(groups, outputs):
+        per_image = rows.shape[0] // len(group.images)
+        pieces.update({i: rows[j * per_image : (j + 1) * per_image] for j, i in enumerate(group.images)})
+    return jnp.concatenate([pieces[i] for i in sorted(pieces)]), bins
 
 
 def _normalization_tables(
     float_resize: bool, mean: Sequence[float] = IMAGE_MEAN, std: Sequence[float] = IMAGE_STD
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(width_levels, levels, mean, inverse_std) float32 for the programs.
+    """(width_levels, levels, mean, inverse_std) float32 for the program.
 
     uint8 path: the reference folds the 1/255 rescale into mean and std (float32 mean * 255 and
     std * 255) and then subtracts and divides in float32; `levels[c, u]` holds that value of
@@ -475,30 +517,10 @@ def _normalization_tables(
 _ZERO = np.float32(0.0)
 
 
-def _run_programs(
-    frames: np.ndarray | tuple[np.ndarray, ...],
-    size: tuple[int, int],
-    *,
-    float_resize: bool,
-    channels_last: bool = False,
-    vision: VisionConfig | None = None,
-) -> jax.Array:
-    """Frames of one size (uint8; float32 for the float path's own resize) -> their patch rows
-    (`vision` given) or the resized frames (n, ...)."""
-    width_levels, levels, mean, inverse_std = _normalization_tables(float_resize)
-    uint8_frames = frames[0].dtype == np.uint8  # the first frame, or the stack's
-    x = _width_program(
-        frames, width_levels if float_resize and uint8_frames else None, _ZERO, width=size[1],
-        float_resize=float_resize, channels_last=channels_last,
-    )
-    if x.shape[1 if channels_last else 2] != size[0]:
-        x = _height_program(x, _ZERO, height=size[0], float_resize=float_resize, channels_last=channels_last)
-    if vision is None:
-        return x
-    return _patch_program(
-        x, levels, mean, inverse_std, float_resize=float_resize, channels_last=channels_last,
-        patch_size=vision.patch_size, merge_size=vision.spatial_merge_size, temporal=vision.temporal_patch_size,
-    )
+def _run_program(frames: tuple, history_xyz=None, *, float_resize: bool, **static):
+    """`_program` on `frames` with the tables of `float_resize`."""
+    return _program(frames, (*_normalization_tables(float_resize), _ZERO), history_xyz,
+                    float_resize=float_resize, **static)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -506,9 +528,12 @@ def _run_programs(
 # ---------------------------------------------------------------------------------------------
 
 
-def _check_size(height: int, width: int) -> None:
+def _resize_image(image: np.ndarray, height: int, width: int, *, float_resize: bool) -> np.ndarray:
     if height <= 0 or width <= 0:
         raise ValueError(f"output size must be positive, got {height}x{width}")
+    resized, _ = _run_program(((image,),), float_resize=float_resize,
+                              groups=(_Group((0,), (height, width), False),), patches=None, history=None)
+    return np.asarray(resized[0])
 
 
 def resize_bicubic_aa(image: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -519,8 +544,7 @@ def resize_bicubic_aa(image: np.ndarray, height: int, width: int) -> np.ndarray:
     """
     if image.dtype != np.uint8 or image.ndim != 3:
         raise ValueError(f"expected a (C, H, W) uint8 image, got {image.dtype} {image.shape}")
-    _check_size(height, width)
-    return np.asarray(_run_programs((image,), (height, width), float_resize=False)[0])
+    return _resize_image(image, height, width, float_resize=False)
 
 
 def resize_bicubic_aa_float(image: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -535,8 +559,7 @@ def resize_bicubic_aa_float(image: np.ndarray, height: int, width: int) -> np.nd
     """
     if image.dtype != np.float32 or image.ndim != 3:
         raise ValueError(f"expected a (C, H, W) float32 image, got {image.dtype} {image.shape}")
-    _check_size(height, width)
-    return np.asarray(_run_programs((image,), (height, width), float_resize=True)[0])
+    return _resize_image(image, height, width, float_resize=True)
 
 
 def preprocess_images(
@@ -546,21 +569,48 @@ def preprocess_images(
     both host (numpy) arrays; pixel_values may be a read-only view of the device result.
 
     Each image is (3, H, W) or (H, W, 3) (see `to_channels_first` for the ambiguous case); sizes
-    may differ between images. `image_grid_thw[i] = (1, h_i / P, w_i / P)` in patches. Images of
-    one size and layout go through the programs together (see the module docstring).
+    may differ between images. `image_grid_thw[i] = (1, h_i / P, w_i / P)` in patches. All images
+    go through one program, those of one size and layout together (see the module docstring).
 
     `float_resize=False` is the inference processor (uint8 resize, `resize_bicubic_aa`);
     `float_resize=True` the reference's training processor: the image becomes float32 u8 / 255
     before a float resize (`resize_bicubic_aa_float`) and is then normalised from those values.
     Without a resize the two differ only by float32 rounding (~6e-8).
     """
+    pixel_values, grid, _ = _preprocess(images, None, vision=vision, min_pixels=min_pixels,
+                                        max_pixels=max_pixels, float_resize=float_resize, history=None)
+    return pixel_values, grid
+
+
+def preprocess_clip(
+    images: Sequence,
+    ego_history_xyz: np.ndarray,  # (T, 3) float32 positions in the t0 ego frame, oldest first
+    *,
+    vision: VisionConfig,
+    min_pixels: int,
+    max_pixels: int,
+    history_tokenizer: HistoryTokenizerConfig,
+    float_resize: bool = False,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`preprocess_images` of a clip's images, and the bins (3T,) int64 of its ego history
+    (`alpamayo_jax.action.tokenizers.encode_history`), from the same program: a clip is one
+    compiled program per frame size, layout and count. The history is not checked here
+    (`prompt.check_history` does)."""
+    return _preprocess(images, ego_history_xyz, vision=vision, min_pixels=min_pixels, max_pixels=max_pixels,
+                       float_resize=float_resize, history=history_tokenizer)
+
+
+def _preprocess(
+    images: Sequence, history_xyz, *, vision: VisionConfig, min_pixels: int, max_pixels: int, float_resize: bool,
+    history: HistoryTokenizerConfig | None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     if vision.in_channels != 3:
         raise ValueError(f"only RGB vision towers are supported, got in_channels={vision.in_channels}")
     images = list(images)
     if not images:
         raise ValueError("no images given")
     factor = vision.patch_size * vision.spatial_merge_size
-    groups: dict[tuple[int, int, bool], list[int]] = {}
+    members: dict[tuple[int, int, bool], list[int]] = {}
     arrays, sizes = [], []
     for i, image in enumerate(images):
         chw = to_channels_first(image, name=f"image {i}")
@@ -568,18 +618,13 @@ def preprocess_images(
                                   max_pixels=max_pixels))
         array, channels_last = _device_layout(chw)
         arrays.append(array)
-        groups.setdefault((chw.shape[1], chw.shape[2], channels_last), []).append(i)
+        members.setdefault((chw.shape[1], chw.shape[2], channels_last), []).append(i)
     grid = np.asarray([(1, h // vision.patch_size, w // vision.patch_size) for h, w in sizes], dtype=np.int64)
-
-    pieces: dict[int, np.ndarray] = {}
-    for (_, _, channels_last), members in groups.items():
-        rows = np.asarray(_run_programs(
-            _batch([arrays[i] for i in members]), sizes[members[0]], float_resize=float_resize,
-            channels_last=channels_last, vision=vision,
-        ))
-        if len(groups) == 1:
-            return rows, grid
-        per_image = len(rows) // len(members)
-        for j, i in enumerate(members):
-            pieces[i] = rows[j * per_image : (j + 1) * per_image]
-    return np.concatenate([pieces[i] for i in range(len(images))], axis=0), grid
+    groups = tuple(_Group(tuple(indices), sizes[indices[0]], channels_last)
+                   for (_, _, channels_last), indices in members.items())
+    rows, bins = _run_program(
+        tuple(_batch([arrays[i] for i in group.images]) for group in groups), history_xyz,
+        float_resize=float_resize, groups=groups,
+        patches=(vision.patch_size, vision.spatial_merge_size, vision.temporal_patch_size), history=history,
+    )
+    return np.asarray(rows), grid, None if bins is None else np.asarray(bins).astype(np.int64)

@@ -24,7 +24,7 @@ from flax import struct
 from alpamayo_jax.config import AlpamayoConfig
 from alpamayo_jax.models.vision import ImageGrid, as_image_grid, num_patches
 from alpamayo_jax.processing.chat_template import PromptError
-from alpamayo_jax.processing.prompt import encode_prompt, fuse_history_tokens, history_tokens
+from alpamayo_jax.processing.prompt import check_history, encode_clip, fuse_history_tokens, history_tokens
 from alpamayo_jax.processing.rope_index import get_rope_index
 from alpamayo_jax.processing.tokenizer import ExtendedTokenizer
 
@@ -69,6 +69,7 @@ def assemble_inputs(
     *,
     config: AlpamayoConfig,
     attention_mask=None,  # (C, L) bool or 0/1: false on left padding; default all true
+    history_bins=None,  # (C, K) int: the histories' `history_tokens`, if already made
 ) -> ModelInputs:
     """Checks, fuses and positions the inputs of C clips (see the module docstring). Raises
     `PromptError` naming what does not fit."""
@@ -99,7 +100,15 @@ def assemble_inputs(
         raise PromptError(f"ego_history_xyz must be ({clips}, T, 3) for {clips} prompts, got {xyz.shape}")
     if rot.shape[:1] != (clips,):
         raise PromptError(f"ego_history_rot must be ({clips}, T, 3, 3) for {clips} prompts, got {rot.shape}")
-    bins = np.stack([history_tokens(xyz[c], rot[c], config) for c in range(clips)])
+    if history_bins is None:
+        bins = np.stack([history_tokens(xyz[c], rot[c], config) for c in range(clips)])
+    else:
+        for c in range(clips):
+            check_history(xyz[c], rot[c], config)
+        bins = np.asarray(history_bins)
+        if bins.shape != (clips, config.tokens_per_history_traj) or bins.dtype.kind not in "iu":
+            raise PromptError(f"history_bins must be ({clips}, {config.tokens_per_history_traj}) integers, got "
+                              f"{bins.dtype} {bins.shape}")
     fused = fuse_history_tokens(ids, bins + config.history_token_start_idx,
                                 placeholder_id=config.traj_token_ids.history)
     # Also checks that the placeholders of every image match its grid.
@@ -182,17 +191,18 @@ def prepare_inputs(clips: Sequence[Clip], *, tokenizer: ExtendedTokenizer, chat_
     the left."""
     if not clips:
         raise PromptError("no clips to prepare")
-    encoded = [encode_prompt(clip.camera_frames, tokenizer=tokenizer, chat_template=chat_template, config=config)
-               for clip in clips]
-    ids, mask = left_pad([ids for ids, _, _ in encoded], tokenizer.pad_token_id)
+    encoded = [encode_clip(clip.camera_frames, clip.ego_history_xyz, clip.ego_history_rot, tokenizer=tokenizer,
+                           chat_template=chat_template, config=config) for clip in clips]
+    ids, mask = left_pad([ids for ids, _, _, _ in encoded], tokenizer.pad_token_id)
     return assemble_inputs(
         ids,
-        np.concatenate([pixels for _, pixels, _ in encoded]),
-        np.concatenate([grid for _, _, grid in encoded]),
+        np.concatenate([pixels for _, pixels, _, _ in encoded]),
+        np.concatenate([grid for _, _, grid, _ in encoded]),
         np.stack([clip.ego_history_xyz for clip in clips]),
         np.stack([clip.ego_history_rot for clip in clips]),
         config=config,
         attention_mask=mask,
+        history_bins=np.stack([bins for _, _, _, bins in encoded]),
     )
 
 

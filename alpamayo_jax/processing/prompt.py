@@ -28,7 +28,7 @@ import numpy as np
 from alpamayo_jax.action.tokenizers import encode_history
 from alpamayo_jax.config import AlpamayoConfig
 from alpamayo_jax.processing.chat_template import PromptError, render_chat
-from alpamayo_jax.processing.image import flatten_camera_frames, preprocess_images
+from alpamayo_jax.processing.image import flatten_camera_frames, preprocess_clip, preprocess_images
 from alpamayo_jax.processing.tokenizer import ExtendedTokenizer, special_token
 
 SYSTEM_PROMPT = "You are a driving assistant that generates safe and accurate actions."
@@ -112,17 +112,18 @@ def tokenize_prompt(
     return ids
 
 
-# One compiled program (per history length) rather than a dozen eager ops per clip.
+# The history tokens of inputs without frames (recorded inputs); a clip's are computed with its
+# pixels (`encode_clip`). One compiled program per history length rather than eager ops.
 _encode_history = jax.jit(encode_history, static_argnames="cfg")
 
 
-def history_tokens(
+def check_history(
     ego_history_xyz,  # (T, 3) positions in the t0 ego frame, oldest first
     ego_history_rot,  # (T, 3, 3) rotations (checked, not used by the history tokenizer)
     config: AlpamayoConfig,
-) -> np.ndarray:  # (K,) int64 bins in [0, history_tokenizer.num_bins)
-    """The quantised xyz deltas of the ego history (`DeltaTrajectoryTokenizer`), before the id
-    offset; interleaved (dx, dy, dz) per step."""
+) -> np.ndarray:  # (T, 3) float32
+    """The ego history's positions as the history tokenizer takes them; raises `PromptError`
+    naming what does not fit the model."""
     xyz = np.asarray(ego_history_xyz)
     rot = np.asarray(ego_history_rot)
     if xyz.ndim != 2 or xyz.shape[1] != 3:
@@ -138,8 +139,18 @@ def history_tokens(
         )
     if not np.all(np.isfinite(xyz)):
         raise PromptError("ego_history_xyz contains NaN or infinite values")
-    bins = np.asarray(_encode_history(xyz.astype(np.float32), config.history_tokenizer)).astype(np.int64)
-    return bins.reshape(-1)
+    return xyz.astype(np.float32)
+
+
+def history_tokens(
+    ego_history_xyz,  # (T, 3) positions in the t0 ego frame, oldest first
+    ego_history_rot,  # (T, 3, 3) rotations (checked, not used by the history tokenizer)
+    config: AlpamayoConfig,
+) -> np.ndarray:  # (K,) int64 bins in [0, history_tokenizer.num_bins)
+    """The quantised xyz deltas of the ego history (`DeltaTrajectoryTokenizer`), before the id
+    offset; interleaved (dx, dy, dz) per step (`check_history` first)."""
+    xyz = check_history(ego_history_xyz, ego_history_rot, config)
+    return np.asarray(_encode_history(xyz, config.history_tokenizer)).astype(np.int64)
 
 
 def fuse_history_tokens(
@@ -167,6 +178,36 @@ def fuse_history_tokens(
     return fused
 
 
+def _encode(
+    camera_frames,  # (n_cameras, n_frames, 3, H, W) uint8, or nested sequences of images
+    render_text: Callable[[int], str],  # number of images -> the chat text, one image token per image
+    ego_history: tuple | None,  # (ego_history_xyz, ego_history_rot) or None
+    *,
+    tokenizer: ExtendedTokenizer,
+    config: AlpamayoConfig,
+    float_resize: bool,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """(ids, pixel_values, image_grid_thw, history bins or None) of one clip; the pixels and the
+    history bins come from one program (`image.preprocess_clip`)."""
+    images = flatten_camera_frames(camera_frames)
+    budget = {"vision": config.vision, "min_pixels": config.min_pixels, "max_pixels": config.max_pixels,
+              "float_resize": float_resize}
+    if ego_history is None:
+        (pixel_values, image_grid_thw), bins = preprocess_images(images, **budget), None
+    else:
+        xyz = check_history(*ego_history, config)
+        pixel_values, image_grid_thw, bins = preprocess_clip(
+            images, xyz, history_tokenizer=config.history_tokenizer, **budget)
+    input_ids = tokenize_prompt(
+        render_text(len(images)),
+        image_grid_thw,
+        tokenizer=tokenizer,
+        image_token_id=config.image_token_id,
+        spatial_merge_size=config.vision.spatial_merge_size,
+    )
+    return input_ids, pixel_values, image_grid_thw, bins
+
+
 def encode_with_images(
     camera_frames,  # (n_cameras, n_frames, 3, H, W) uint8, or nested sequences of images
     render_text: Callable[[int], str],  # number of images -> the chat text, one image token per image
@@ -178,19 +219,16 @@ def encode_with_images(
     """One clip's pixels and the tokenised text around them: ids (L,) int64 (placeholders not
     filled), pixel_values (S, C*T*P*P) float32 and image_grid_thw (N, 3) int64
     (`preprocess_images`; `float_resize` for the reference's training path)."""
-    images = flatten_camera_frames(camera_frames)
-    pixel_values, image_grid_thw = preprocess_images(
-        images, vision=config.vision, min_pixels=config.min_pixels, max_pixels=config.max_pixels,
-        float_resize=float_resize,
-    )
-    input_ids = tokenize_prompt(
-        render_text(len(images)),
-        image_grid_thw,
-        tokenizer=tokenizer,
-        image_token_id=config.image_token_id,
-        spatial_merge_size=config.vision.spatial_merge_size,
-    )
-    return input_ids, pixel_values, image_grid_thw
+    return _encode(camera_frames, render_text, None, tokenizer=tokenizer, config=config,
+                   float_resize=float_resize)[:3]
+
+
+def _inference_text(tokenizer: ExtendedTokenizer, chat_template: str, config: AlpamayoConfig):
+    def render(num_images: int) -> str:
+        return render_prompt(num_images, tokenizer=tokenizer, chat_template=chat_template,
+                             num_history_tokens=config.tokens_per_history_traj)
+
+    return render
 
 
 def encode_prompt(
@@ -202,8 +240,20 @@ def encode_prompt(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One clip's inference prompt before history fusion, as the reference's processor makes it
     (`encode_with_images`)."""
-    def render(num_images: int) -> str:
-        return render_prompt(num_images, tokenizer=tokenizer, chat_template=chat_template,
-                             num_history_tokens=config.tokens_per_history_traj)
+    return encode_with_images(camera_frames, _inference_text(tokenizer, chat_template, config),
+                              tokenizer=tokenizer, config=config)
 
-    return encode_with_images(camera_frames, render, tokenizer=tokenizer, config=config)
+
+def encode_clip(
+    camera_frames,  # (n_cameras, n_frames, 3, H, W) uint8, or nested sequences of images
+    ego_history_xyz,  # (T, 3) positions in the t0 ego frame, oldest first
+    ego_history_rot,  # (T, 3, 3)
+    *,
+    tokenizer: ExtendedTokenizer,
+    chat_template: str,
+    config: AlpamayoConfig,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """`encode_prompt` and `history_tokens` of one clip: ids (L,), pixel_values, image_grid_thw
+    and the history bins (K,) int64, the pixels and bins from one compiled program."""
+    return _encode(camera_frames, _inference_text(tokenizer, chat_template, config),
+                   (ego_history_xyz, ego_history_rot), tokenizer=tokenizer, config=config, float_resize=False)

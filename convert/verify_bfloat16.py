@@ -1,0 +1,194 @@
+"""bfloat16 inference against the reference's autocast run, on one checkpoint and one input.
+
+The reference runs bfloat16 weights under `torch.autocast(bfloat16)` (SPEC §10). Here the PyTorch
+model (`alpamayo_reference.reference.TorchAlpamayo`, transformers' Qwen3-VL modules) gets
+bfloat16 parameters and runs under CPU autocast with CUDA autocast's LayerNorm rule
+(`cuda_autocast`); alpamayo-jax loads the same checkpoint with `dtype=bfloat16`
+(`alpamayo_jax.nn.precision`). Both take `verify.synthetic_inputs`' prompt and:
+
+* the vision tokens and the prefill's last-position logits;
+* `decode_steps` decoding steps, teacher-forced with the reference's greedy tokens, each step's
+  logits compared (the worst step is reported);
+* the expert's velocity at flow times 0 and 0.7 on each side's own prefill cache;
+* 10 Euler steps from one noise draw, each side on its own cache, and the trajectories both action
+  sets roll out to (the float32 unicycle rollout, verified on its own elsewhere).
+
+Logits are compared by KL(reference || ours) of their softmax distributions and by
+max |a - b| / max |b|; everything else by the latter, the trajectory by its largest position
+difference in metres. The same rows are computed for alpamayo-jax in float32 against the same
+bfloat16 reference: that is the error of not reproducing the reference's rounding at all, the
+scale against which the bfloat16 rows are read.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+from alpamayo_reference.reference import TorchAlpamayo, cuda_autocast, to_bfloat16
+from alpamayo_reference.verify import synthetic_inputs
+
+from alpamayo_jax.action.unicycle import action_to_traj
+from alpamayo_jax.inference.flow_matching import euler_sample, time_grid
+from alpamayo_jax.io.hf import read_hf_config
+from alpamayo_jax.io.load import load_model
+from alpamayo_jax.models.expert import expert_context
+from alpamayo_jax.processing.rope_index import get_rope_index
+from alpamayo_jax.processing.synthetic import arc_history
+
+FLOW_TIMES = (0.0, 0.7)
+
+
+@dataclass(frozen=True)
+class PrecisionRow:
+    """One compared quantity: `measure` of alpamayo-jax in bfloat16 and in float32 against the
+    reference's bfloat16 autocast run."""
+
+    stage: str
+    measure: str  # "relative", "kl" or "metres"
+    bfloat16: float
+    float32: float
+
+
+def relative(ours, theirs) -> float:
+    ours, theirs = np.asarray(ours, np.float64), np.asarray(theirs, np.float64)
+    if ours.shape != theirs.shape:
+        raise ValueError(f"shape {ours.shape} != reference {theirs.shape}")
+    return float(np.max(np.abs(ours - theirs)) / max(float(np.max(np.abs(theirs))), 1e-30))
+
+
+def kl_divergence(ours, theirs) -> float:
+    """Largest KL(softmax(theirs) || softmax(ours)) over the leading axes, in float64."""
+    def log_softmax(x):
+        x = np.asarray(x, np.float64)
+        x = x - x.max(axis=-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+    p_log, q_log = log_softmax(theirs), log_softmax(ours)
+    return float(np.max((np.exp(p_log) * (p_log - q_log)).sum(axis=-1)))
+
+
+def _reference_run(reference: TorchAlpamayo, ids, pixels, grid, positions, deltas, decode_steps, noise):
+    """The reference's outputs for every compared stage, under `cuda_autocast`."""
+    out = {}
+    with torch.no_grad(), cuda_autocast(reference):
+        out["vision"] = reference.vlm.model.visual(torch.from_numpy(pixels), grid_thw=torch.from_numpy(grid))[0]
+        prefill = reference.vlm(input_ids=torch.from_numpy(ids), pixel_values=torch.from_numpy(pixels),
+                                image_grid_thw=torch.from_numpy(grid), position_ids=torch.from_numpy(positions),
+                                attention_mask=torch.ones_like(torch.from_numpy(ids)), use_cache=True)
+        prefill_cache = copy.deepcopy(prefill.past_key_values)
+        logits, cache, tokens = [prefill.logits[:, -1].float()], prefill.past_key_values, []
+        length = ids.shape[1]
+        for step in range(decode_steps):
+            token = logits[-1].argmax(-1, keepdim=True)
+            tokens.append(int(token))
+            position = torch.full((3, 1, 1), length + step + int(deltas[0, 0]), dtype=torch.long)
+            step_out = reference.vlm(input_ids=token, position_ids=position, past_key_values=cache, use_cache=True)
+            logits.append(step_out.logits[:, -1].float())
+            cache = step_out.past_key_values
+        out["logits"] = torch.stack(logits, dim=1)  # (1, 1 + steps, V)
+        out["tokens"] = tokens
+
+        waypoints = noise.shape[1]
+        expert_positions = torch.arange(waypoints) + length + int(deltas[0, 0])
+        expert_positions = expert_positions.expand(3, 1, waypoints).long()
+        mask = torch.zeros((1, 1, waypoints, length + waypoints))
+        velocity = [reference.velocity(torch.from_numpy(noise), torch.tensor([t]), prefill_cache, expert_positions,
+                                       mask).float() for t in FLOW_TIMES]
+        out["velocity"] = torch.stack(velocity)
+        grid_times = time_grid(10)
+        x = torch.from_numpy(noise)
+        for t, t_next in zip(grid_times[:-1], grid_times[1:], strict=True):
+            v = reference.velocity(x, torch.tensor([float(t)]), prefill_cache, expert_positions, mask)
+            x = x + torch.tensor(t_next - t).view(1, 1, 1) * v  # the reference's float32 (B, 1, 1) step
+        out["actions"] = x
+    return {name: value if name == "tokens" else value.float().numpy() for name, value in out.items()}
+
+
+def _jax_run(model, ids, pixels, grid, positions, deltas, tokens, noise):
+    """alpamayo-jax's outputs for the same stages, fed the reference's tokens."""
+    length = ids.shape[1]
+    out = {"vision": model.vlm.visual(jnp.asarray(pixels), grid).image_embeds}
+    cache = model.vlm.init_cache(1, length + len(tokens))
+    prefill = model.vlm(jnp.asarray(ids), pixel_values=jnp.asarray(pixels), image_grid_thw=grid,
+                        position_ids=jnp.asarray(positions), cache=cache, num_logits=1)
+    logits, cache = [prefill.logits[:, -1]], prefill.cache
+    for step, token in enumerate(tokens):
+        position = jnp.full((3, 1, 1), length + step + int(deltas[0, 0]), jnp.int32)
+        step_out = model.vlm(jnp.asarray([[token]]), position_ids=position, cache=cache, num_logits=1)
+        logits.append(step_out.logits[:, -1])
+        cache = step_out.cache
+    out["logits"] = jnp.stack(logits, axis=1).astype(jnp.float32)
+    context = expert_context(prefill.cache, jnp.asarray([length]), jnp.asarray(deltas[:, 0]), noise.shape[1])
+    out["velocity"] = jnp.stack([model.action_velocity(jnp.asarray(noise), jnp.asarray([t], jnp.float32), context)
+                                 for t in FLOW_TIMES]).astype(jnp.float32)
+    out["actions"] = euler_sample(lambda x, t: model.action_velocity(x, t, context), jnp.asarray(noise), 10).actions
+    return {name: np.asarray(value, np.float32) for name, value in out.items()}
+
+
+def verify_bfloat16(hf_dir: str | Path, *, processor_dir: str | Path | None = None, seed: int = 0,
+                    image_size: tuple[int, int] = (64, 96), decode_steps: int = 8) -> list[PrecisionRow]:
+    """alpamayo-jax in bfloat16 and in float32 against the reference's bfloat16 autocast run on a
+    Hugging Face checkpoint directory; returns one row per compared quantity."""
+    jax.config.update("jax_default_matmul_precision", "highest")
+    hf_dir = Path(hf_dir)
+    _, config_dict, backbone = read_hf_config(hf_dir, processor_dir)
+    reference = to_bfloat16(TorchAlpamayo.from_checkpoint(hf_dir, config_dict, backbone))
+    models = {dtype: load_model(hf_dir, dtype=dtype, processor_dir=processor_dir)
+              for dtype in (jnp.bfloat16, jnp.float32)}
+    config = models[jnp.float32][1]
+
+    ids, pixels, grid = synthetic_inputs(config, seed, image_size)
+    pixels = np.array(pixels)  # writable, for torch
+    positions, deltas = get_rope_index(ids, grid, spatial_merge_size=config.vision.spatial_merge_size,
+                                       image_token_id=config.image_token_id,
+                                       vision_start_token_id=config.vision_start_token_id)
+    noise = np.random.default_rng(seed + 1).normal(size=(1, config.n_waypoints, 2)).astype(np.float32)
+    theirs = _reference_run(reference, ids, pixels, grid, positions, deltas, decode_steps, noise)
+    ours = {dtype: _jax_run(model, ids, pixels, grid, positions, deltas, theirs["tokens"], noise)
+            for dtype, (model, _) in models.items()}
+
+    hist_xyz, hist_rot = arc_history(8.0, 0.01)
+    stats = models[jnp.float32][0].action_space.stats()
+
+    def trajectory(actions):
+        xyz, _ = action_to_traj(jnp.asarray(actions), jnp.asarray(hist_xyz)[None], jnp.asarray(hist_rot)[None],
+                                config.action_space, stats)
+        return np.asarray(xyz, np.float64)
+
+    def rows(stage, measure, fn):
+        return PrecisionRow(stage, measure, fn(ours[jnp.bfloat16]), fn(ours[jnp.float32]))
+
+    def step_logits(step):
+        return lambda run: (kl_divergence(run["logits"][:, step], theirs["logits"][:, step]),
+                            relative(run["logits"][:, step], theirs["logits"][:, step]))
+
+    steps = range(1, decode_steps + 1)
+    table = [
+        rows("vision tokens", "relative", lambda run: relative(run["vision"], theirs["vision"])),
+        rows("prefill logits, last position", "kl", lambda run: step_logits(0)(run)[0]),
+        rows("prefill logits, last position", "relative", lambda run: step_logits(0)(run)[1]),
+        rows(f"decode logits, worst of {decode_steps} steps", "kl",
+             lambda run: max(step_logits(s)(run)[0] for s in steps)),
+        rows(f"decode logits, worst of {decode_steps} steps", "relative",
+             lambda run: max(step_logits(s)(run)[1] for s in steps)),
+    ]
+    for index, t in enumerate(FLOW_TIMES):
+        table.append(rows(f"expert velocity (t={t})", "relative",
+                          lambda run, index=index: relative(run["velocity"][index], theirs["velocity"][index])))
+    table.append(rows("actions after 10 Euler steps", "relative", lambda run: relative(run["actions"], theirs["actions"])))
+    reference_xyz = trajectory(theirs["actions"])
+    table.append(rows("trajectory xyz", "metres",
+                      lambda run: float(np.max(np.abs(trajectory(run["actions"]) - reference_xyz)))))
+    return table
+
+
+def format_precision_report(table: list[PrecisionRow]) -> str:
+    lines = [f"{'against the reference in bfloat16 autocast':40s} {'measure':>9s} {'bfloat16':>11s} {'float32':>11s}"]
+    lines += [f"{row.stage:40s} {row.measure:>9s} {row.bfloat16:11.3e} {row.float32:11.3e}" for row in table]
+    return "\n".join(lines)
