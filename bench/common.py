@@ -1,6 +1,6 @@
 """What the benchmarks share: CPU pinning and thread settings (before jax and torch start), the
-CPU time other processes took, and random-weight checkpoints of the tiny fixture's architecture
-made wider and deeper.
+CPU time other processes took, random-weight checkpoints of the tiny fixture's architecture
+made wider and deeper, and the stage timing of NVIDIA's model.
 
 Import `configure_threads` first and call it before anything imports jax or torch; the rest
 imports jax lazily.
@@ -12,6 +12,8 @@ import copy
 import json
 import os
 import shutil
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 FIXTURE = Path(__file__).parents[1] / "tests/fixtures/tiny_ar1_dev"
@@ -102,3 +104,40 @@ def write_checkpoint(directory: Path, seed: int, size: str = "medium") -> tuple[
                        rngs=nnx.Rngs(seed))
     hf = save_hf_checkpoint(model, directory / "hf", config)
     return hf, vlm
+
+
+class ReferenceStages:
+    """NVIDIA's `AlpamayoR1` timed stage by stage, by wrapping its calls on the instance:
+    `vlm.generate` ("generate"; `tokens` is what it generated), the first `vlm.forward` after
+    `reset` ("prefill": a rollout's first forward is its prefill), `diffusion.sample`
+    ("flow_matching") and `action_space.action_to_traj` ("rollout"). `sync` runs before and after
+    each timed call (on a GPU, its synchronisation)."""
+
+    def __init__(self, model, sync: Callable[[], None] = lambda: None):
+        self.sync = sync
+        self.reset()
+        self._wrap(model.vlm, "generate", "generate", count_tokens=True)
+        self._wrap(model.vlm, "forward", "prefill", first_only=True)
+        self._wrap(model.diffusion, "sample", "flow_matching")
+        self._wrap(model.action_space, "action_to_traj", "rollout")
+
+    def reset(self) -> None:
+        self.stages: dict[str, float] = {}
+        self.tokens: int | None = None
+
+    def _wrap(self, owner, name: str, stage: str, *, first_only: bool = False, count_tokens: bool = False) -> None:
+        call = getattr(owner, name)
+
+        def timed(*args, **kwargs):
+            if first_only and stage in self.stages:
+                return call(*args, **kwargs)
+            self.sync()
+            start = time.perf_counter()
+            out = call(*args, **kwargs)
+            self.sync()
+            self.stages[stage] = time.perf_counter() - start
+            if count_tokens:
+                self.tokens = int(out.sequences.shape[1] - kwargs["input_ids"].shape[1])
+            return out
+
+        setattr(owner, name, timed)

@@ -149,7 +149,7 @@ from alpamayo_jax.processing.chat_template import load_chat_template  # noqa: E4
 from alpamayo_jax.processing.prompt import encode_prompt  # noqa: E402
 from alpamayo_jax.processing.synthetic import synthetic_clip  # noqa: E402
 from alpamayo_jax.processing.tokenizer import build_tokenizer  # noqa: E402
-from common import FIXTURE, scaled_configs  # noqa: E402
+from common import FIXTURE, ReferenceStages, scaled_configs  # noqa: E402
 
 GIB = 2**30
 
@@ -327,8 +327,8 @@ def summarise(rounds: list[dict]) -> dict:
 
 class Reference:
     """NVIDIA's AlpamayoR1 built from the config with random weights on `device`, its stages timed
-    by wrapping their calls (bench/inference_bench.py's `Reference`, with device synchronisation,
-    its own preprocessing and S samples)."""
+    by `common.ReferenceStages` (with device synchronisation), with its own preprocessing and S
+    samples."""
 
     def __init__(self, root: Path, config_dict: dict, processor_dir: Path, dtype_name: str, device,
                  seed: int):
@@ -364,41 +364,11 @@ class Reference:
             torch.set_default_dtype(default)
         self.model.eval()
         self.parameters = sum(p.numel() for p in self.model.parameters())
-        self.stages: dict[str, float] = {}
-        self._wrap(self.model.vlm, "generate", "generate")
-        self._wrap(self.model.diffusion, "sample", "flow_matching")
-        self._wrap(self.model.action_space, "action_to_traj", "rollout")
-        forward = self.model.vlm.forward
-
-        def timed_forward(*args, **kwargs):  # the first forward of a generate call is the prefill
-            first = "vision_prefill" not in self.stages
-            if first:
-                self.sync()
-            start = time.perf_counter()
-            out = forward(*args, **kwargs)
-            if first:
-                self.sync()
-                self.stages["vision_prefill"] = time.perf_counter() - start
-            return out
-
-        self.model.vlm.forward = timed_forward
+        self.timer = ReferenceStages(self.model, sync=self.sync)
 
     def sync(self) -> None:
         if self.device.type == "cuda":
             self.torch.cuda.synchronize(self.device)
-
-    def _wrap(self, owner, name: str, stage: str) -> None:
-        call = getattr(owner, name)
-
-        def timed(*args, **kwargs):
-            self.sync()
-            start = time.perf_counter()
-            out = call(*args, **kwargs)
-            self.sync()
-            self.stages[stage] = time.perf_counter() - start
-            return out
-
-        setattr(owner, name, timed)
 
     def frames(self, clip):
         """The clip's frames as the (N, 3, H, W) uint8 tensor NVIDIA's loader gives (not timed: our
@@ -421,16 +391,7 @@ class Reference:
 
     def run(self, clip, num_samples: int, max_new_tokens: int, seed: int) -> dict:
         torch = self.torch
-        self.stages = {}
-        generated = {}
-        generate = self.model.vlm.generate
-
-        def counting(*args, **kwargs):
-            out = generate(*args, **kwargs)
-            generated["tokens"] = int(out.sequences.shape[1] - kwargs["input_ids"].shape[1])
-            return out
-
-        self.model.vlm.generate = counting
+        self.timer.reset()
         frames = self.frames(clip)
         torch.manual_seed(seed)
         self.sync()
@@ -438,23 +399,20 @@ class Reference:
         data = self.preprocess(clip, frames)
         self.sync()
         preprocess = time.perf_counter() - start
-        try:
-            with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16,
-                                                        enabled=self.dtype == torch.bfloat16):
-                xyz, _ = self.model.sample_trajectories_from_data_with_vlm_rollout(
-                    data=data, top_p=0.98, temperature=0.6, num_traj_samples=num_samples,
-                    max_generation_length=max_new_tokens)
-            self.sync()
-        finally:
-            self.model.vlm.generate = generate
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16,
+                                                    enabled=self.dtype == torch.bfloat16):
+            xyz, _ = self.model.sample_trajectories_from_data_with_vlm_rollout(
+                data=data, top_p=0.98, temperature=0.6, num_traj_samples=num_samples,
+                max_generation_length=max_new_tokens)
+        self.sync()
         total = time.perf_counter() - start
         if not torch.isfinite(xyz.float()).all():
             raise RuntimeError("the reference's trajectories are not finite")
-        tokens = generated["tokens"]
-        decode = self.stages["generate"] - self.stages["vision_prefill"]
-        return {"preprocess": preprocess, "vision_prefill": self.stages["vision_prefill"], "decode": decode,
+        stages, tokens = self.timer.stages, self.timer.tokens
+        decode = stages["generate"] - stages["prefill"]
+        return {"preprocess": preprocess, "vision_prefill": stages["prefill"], "decode": decode,
                 "decode_per_token": decode / max(tokens - 1, 1),
-                "flow_matching": self.stages["flow_matching"], "rollout": self.stages["rollout"],
+                "flow_matching": stages["flow_matching"], "rollout": stages["rollout"],
                 "end_to_end": total, "tokens": tokens}
 
 

@@ -75,7 +75,7 @@ from alpamayo_jax.inference.inference_config import InferenceConfig  # noqa: E40
 from alpamayo_jax.inference.pipeline import Pipeline, sample_from_inputs  # noqa: E402
 from alpamayo_jax.processing.prompt import encode_prompt  # noqa: E402
 from alpamayo_jax.processing.synthetic import synthetic_clip  # noqa: E402
-from common import write_checkpoint  # noqa: E402
+from common import ReferenceStages, write_checkpoint  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")  # float32 matmuls, as torch on CPU
 
@@ -97,34 +97,10 @@ class Reference:
         config.update(vlm_name_or_path=str(vlm.absolute()), model_dtype="float32", attn_implementation="sdpa")
         self.model = AlpamayoR1.from_pretrained(str(hf), config=AlpamayoR1Config(**config), dtype=torch.float32)
         self.model.eval()
-        self.stages: dict[str, float] = {}
-        self._wrap(self.model.vlm, "generate", "generate")
-        self._wrap(self.model.diffusion, "sample", "flow_matching")
-        self._wrap(self.model.action_space, "action_to_traj", "rollout")
-        forward = self.model.vlm.forward
-
-        def timed_forward(*args, **kwargs):  # the first forward of a generate call is the prefill
-            start = time.perf_counter()
-            out = forward(*args, **kwargs)
-            if "prefill" not in self.stages:
-                self.stages["prefill"] = time.perf_counter() - start
-            return out
-
-        self.model.vlm.forward = timed_forward
-
-    def _wrap(self, owner, name: str, stage: str) -> None:
-        call = getattr(owner, name)
-
-        def timed(*args, **kwargs):
-            start = time.perf_counter()
-            out = call(*args, **kwargs)
-            self.stages[stage] = time.perf_counter() - start
-            return out
-
-        setattr(owner, name, timed)
+        self.timer = ReferenceStages(self.model)
 
     def run(self, prompt_ids: np.ndarray, pixels: np.ndarray, grid: np.ndarray, clip, max_new_tokens: int) -> dict:
-        self.stages = {}
+        self.timer.reset()
         data = {
             "tokenized_data": {"input_ids": torch.from_numpy(prompt_ids.astype(np.int64)[None]),
                                "attention_mask": torch.ones((1, prompt_ids.size), dtype=torch.int64),
@@ -133,24 +109,14 @@ class Reference:
             "ego_history_xyz": torch.from_numpy(np.asarray(clip.ego_history_xyz, np.float32))[None, None],
             "ego_history_rot": torch.from_numpy(np.asarray(clip.ego_history_rot, np.float32))[None, None],
         }
-        generated = {}
-        generate = self.model.vlm.generate
-
-        def counting(*args, **kwargs):
-            out = generate(*args, **kwargs)
-            generated["tokens"] = int(out.sequences.shape[1] - kwargs["input_ids"].shape[1])
-            return out
-
-        self.model.vlm.generate = counting
         start = time.perf_counter()
         with torch.inference_mode():
             xyz, _ = self.model.sample_trajectories_from_data_with_vlm_rollout(
                 data=data, top_p=0.98, temperature=0.6, num_traj_samples=1, max_generation_length=max_new_tokens)
         total = time.perf_counter() - start
-        self.model.vlm.generate = generate
         assert np.isfinite(xyz.numpy()).all()
-        return {"total": total, **self.stages, "decode": self.stages["generate"] - self.stages["prefill"],
-                "tokens": generated["tokens"]}
+        stages = self.timer.stages
+        return {"total": total, **stages, "decode": stages["generate"] - stages["prefill"], "tokens": self.timer.tokens}
 
 
 def jax_run(pipeline: Pipeline, inputs, settings: InferenceConfig, key) -> dict:

@@ -47,7 +47,8 @@ def compare(stage: str, ours, theirs, tolerance: float) -> StageError:
 
 
 def synthetic_inputs(config: AlpamayoConfig, seed: int, image_size: tuple[int, int]):
-    """Two random images between a few random text tokens: (input_ids (1, L), pixels, grid)."""
+    """Two random images between a few random text tokens: input_ids (1, L), pixels (writable,
+    for torch to wrap), grid, and the prompt's rotary positions (3, 1, L) and deltas (1, 1)."""
     rng = np.random.default_rng(seed)
     images = [rng.integers(0, 256, (3, *image_size), dtype=np.uint8) for _ in range(2)]
     pixels, grid = preprocess_images(images, vision=config.vision, min_pixels=config.min_pixels,
@@ -60,7 +61,11 @@ def synthetic_inputs(config: AlpamayoConfig, seed: int, image_size: tuple[int, i
     for t, h, w in grid:
         ids += [config.vision_start_token_id] + [config.image_token_id] * int(t * h * w // merge) + \
                [config.vision_end_token_id] + text(3)
-    return np.asarray([ids], np.int64), pixels, grid
+    ids = np.asarray([ids], np.int64)
+    positions, deltas = get_rope_index(ids, grid, spatial_merge_size=config.vision.spatial_merge_size,
+                                       image_token_id=config.image_token_id,
+                                       vision_start_token_id=config.vision_start_token_id)
+    return ids, np.array(pixels), grid, positions, deltas
 
 
 def verify(model_path: str | Path, hf_dir: str | Path, *, processor_dir: str | Path | None = None, seed: int = 0,
@@ -72,13 +77,9 @@ def verify(model_path: str | Path, hf_dir: str | Path, *, processor_dir: str | P
     _, config_dict, backbone = read_hf_config(hf_dir, processor_dir)
     reference = TorchAlpamayo.from_checkpoint(hf_dir, config_dict, backbone)
 
-    ids, pixels, grid = synthetic_inputs(config, seed, image_size)
-    positions, deltas = get_rope_index(ids, grid, spatial_merge_size=config.vision.spatial_merge_size,
-                                       image_token_id=config.image_token_id,
-                                       vision_start_token_id=config.vision_start_token_id)
+    ids, pixels, grid, positions, deltas = synthetic_inputs(config, seed, image_size)
     length = ids.shape[1]
     errors = []
-    pixels = np.array(pixels)  # a writable copy: preprocessing returns a read-only view for torch to wrap
     with torch.no_grad():
         theirs_vision = reference.vlm.model.visual(torch.from_numpy(pixels), grid_thw=torch.from_numpy(grid))
         theirs = reference.vlm(input_ids=torch.from_numpy(ids), pixel_values=torch.from_numpy(pixels),

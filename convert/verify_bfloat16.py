@@ -38,7 +38,6 @@ from alpamayo_jax.inference.flow_matching import euler_sample, time_grid
 from alpamayo_jax.io.hf import read_hf_config
 from alpamayo_jax.io.load import load_model
 from alpamayo_jax.models.expert import expert_context
-from alpamayo_jax.processing.rope_index import get_rope_index
 from alpamayo_jax.processing.synthetic import arc_history
 
 FLOW_TIMES = (0.0, 0.7)
@@ -143,11 +142,7 @@ def verify_bfloat16(hf_dir: str | Path, *, processor_dir: str | Path | None = No
               for dtype in (jnp.bfloat16, jnp.float32)}
     config = models[jnp.float32][1]
 
-    ids, pixels, grid = synthetic_inputs(config, seed, image_size)
-    pixels = np.array(pixels)  # writable, for torch
-    positions, deltas = get_rope_index(ids, grid, spatial_merge_size=config.vision.spatial_merge_size,
-                                       image_token_id=config.image_token_id,
-                                       vision_start_token_id=config.vision_start_token_id)
+    ids, pixels, grid, positions, deltas = synthetic_inputs(config, seed, image_size)
     noise = np.random.default_rng(seed + 1).normal(size=(1, config.n_waypoints, 2)).astype(np.float32)
     theirs = _reference_run(reference, ids, pixels, grid, positions, deltas, decode_steps, noise)
     ours = {dtype: _jax_run(model, ids, pixels, grid, positions, deltas, theirs["tokens"], noise)
@@ -161,31 +156,26 @@ def verify_bfloat16(hf_dir: str | Path, *, processor_dir: str | Path | None = No
                                 config.action_space, stats)
         return np.asarray(xyz, np.float64)
 
-    def rows(stage, measure, fn):
-        return PrecisionRow(stage, measure, fn(ours[jnp.bfloat16]), fn(ours[jnp.float32]))
-
-    def step_logits(step):
-        return lambda run: (kl_divergence(run["logits"][:, step], theirs["logits"][:, step]),
-                            relative(run["logits"][:, step], theirs["logits"][:, step]))
-
-    steps = range(1, decode_steps + 1)
-    table = [
-        rows("vision tokens", "relative", lambda run: relative(run["vision"], theirs["vision"])),
-        rows("prefill logits, last position", "kl", lambda run: step_logits(0)(run)[0]),
-        rows("prefill logits, last position", "relative", lambda run: step_logits(0)(run)[1]),
-        rows(f"decode logits, worst of {decode_steps} steps", "kl",
-             lambda run: max(step_logits(s)(run)[0] for s in steps)),
-        rows(f"decode logits, worst of {decode_steps} steps", "relative",
-             lambda run: max(step_logits(s)(run)[1] for s in steps)),
-    ]
-    for index, t in enumerate(FLOW_TIMES):
-        table.append(rows(f"expert velocity (t={t})", "relative",
-                          lambda run, index=index: relative(run["velocity"][index], theirs["velocity"][index])))
-    table.append(rows("actions after 10 Euler steps", "relative", lambda run: relative(run["actions"], theirs["actions"])))
     reference_xyz = trajectory(theirs["actions"])
-    table.append(rows("trajectory xyz", "metres",
-                      lambda run: float(np.max(np.abs(trajectory(run["actions"]) - reference_xyz)))))
-    return table
+
+    def errors(run) -> dict[tuple[str, str], float]:  # (stage, measure) -> error against the reference
+        logits = [(kl_divergence(run["logits"][:, s], theirs["logits"][:, s]),
+                   relative(run["logits"][:, s], theirs["logits"][:, s])) for s in range(decode_steps + 1)]
+        decode, worst = logits[1:], f"decode logits, worst of {decode_steps} steps"
+        out = {("vision tokens", "relative"): relative(run["vision"], theirs["vision"]),
+               ("prefill logits, last position", "kl"): logits[0][0],
+               ("prefill logits, last position", "relative"): logits[0][1],
+               (worst, "kl"): max(kl for kl, _ in decode),
+               (worst, "relative"): max(rel for _, rel in decode)}
+        for index, t in enumerate(FLOW_TIMES):
+            out[(f"expert velocity (t={t})", "relative")] = relative(run["velocity"][index], theirs["velocity"][index])
+        out[("actions after 10 Euler steps", "relative")] = relative(run["actions"], theirs["actions"])
+        out[("trajectory xyz", "metres")] = float(np.max(np.abs(trajectory(run["actions"]) - reference_xyz)))
+        return out
+
+    bfloat16, float32 = errors(ours[jnp.bfloat16]), errors(ours[jnp.float32])
+    return [PrecisionRow(stage, measure, bfloat16[stage, measure], float32[stage, measure])
+            for stage, measure in bfloat16]
 
 
 def format_precision_report(table: list[PrecisionRow]) -> str:

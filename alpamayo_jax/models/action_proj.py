@@ -22,8 +22,8 @@ from flax import nnx
 from alpamayo_jax.config import ActionInProjConfig
 from alpamayo_jax.nn.axes import axes
 from alpamayo_jax.nn.linear import Linear
-from alpamayo_jax.nn.norms import RMSNorm
-from alpamayo_jax.nn.precision import LAYER_NORM_DTYPE, silu
+from alpamayo_jax.nn.norms import RMSNorm, layer_norm
+from alpamayo_jax.nn.precision import silu
 from alpamayo_jax.nn.variables import Buffer
 
 
@@ -55,7 +55,7 @@ class MLPEncoder(nnx.Module):
                  param_dtype=jnp.float32, rngs: nnx.Rngs):
         def linear(n_in, n_out, names):
             return Linear(n_in, n_out, param_dtype=param_dtype, kernel_metadata=axes(*names),
-                              bias_metadata=axes(names[1]), rngs=rngs)
+                          bias_metadata=axes(names[1]), rngs=rngs)
 
         def norm():
             return RMSNorm(hidden, eps=1e-5, axis_name="action_hidden", param_dtype=param_dtype, rngs=rngs)
@@ -86,9 +86,7 @@ class PerWaypointActionInProj(nnx.Module):
             (action_dim + 1) * config.num_fourier_feats, config.num_enc_layers, config.hidden_size, out_dim,
             param_dtype=param_dtype, rngs=rngs,
         )
-        self.norm = nnx.LayerNorm(out_dim, epsilon=1e-5, use_fast_variance=False, dtype=LAYER_NORM_DTYPE,
-                                  param_dtype=param_dtype,
-                                  scale_metadata=axes("embed"), bias_metadata=axes("embed"), rngs=rngs)
+        self.norm = layer_norm(out_dim, eps=1e-5, axis_name="embed", param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array, t: jax.Array) -> jax.Array:
         """x (B, W, C) normalised noisy actions; t (B,) flow time (0 = noise, 1 = data)."""

@@ -113,8 +113,8 @@ class CausalLM(nnx.Module):
         self.config = config
         self.language_model = TextDecoder(config, vocab_size=config.vocab_size, param_dtype=param_dtype,
                                           rngs=rngs)
-        self.lm_head = Linear(config.hidden_size, config.vocab_size, use_bias=False,
-                                  param_dtype=param_dtype, kernel_metadata=axes("embed", "vocab"), rngs=rngs)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, use_bias=False, param_dtype=param_dtype,
+                              kernel_metadata=axes("embed", "vocab"), rngs=rngs)
 
     def embed(self, input_ids: jax.Array) -> jax.Array:
         """(B, T) int -> (B, T, D)."""

@@ -31,7 +31,8 @@ from alpamayo_jax.config import VisionConfig
 from alpamayo_jax.nn.attention import dot_product_attention
 from alpamayo_jax.nn.axes import axes
 from alpamayo_jax.nn.linear import Linear
-from alpamayo_jax.nn.precision import LAYER_NORM_DTYPE, gelu
+from alpamayo_jax.nn.norms import layer_norm
+from alpamayo_jax.nn.precision import gelu
 from alpamayo_jax.nn.rotary import apply_rotary, inverse_frequencies
 from alpamayo_jax.numerics import torch_linspace_f32
 
@@ -164,15 +165,12 @@ def attention_segments(grid: ImageGrid) -> tuple[tuple[int, int, int], ...]:
 
 
 def _layer_norm(dim: int, axis_name: str, config: VisionConfig, param_dtype, rngs) -> nnx.LayerNorm:
-    # Two-pass variance, as torch computes it (the fast E[x^2] - E[x]^2 form loses precision).
-    return nnx.LayerNorm(dim, epsilon=config.layer_norm_eps, use_fast_variance=False, dtype=LAYER_NORM_DTYPE,
-                         param_dtype=param_dtype, scale_metadata=axes(axis_name), bias_metadata=axes(axis_name),
-                         rngs=rngs)
+    return layer_norm(dim, eps=config.layer_norm_eps, axis_name=axis_name, param_dtype=param_dtype, rngs=rngs)
 
 
 def _linear(n_in: int, n_out: int, names: tuple[str, str], param_dtype, rngs) -> Linear:
     return Linear(n_in, n_out, param_dtype=param_dtype, kernel_metadata=axes(*names),
-                      bias_metadata=axes(names[1]), rngs=rngs)
+                  bias_metadata=axes(names[1]), rngs=rngs)
 
 
 class PatchEmbed(nnx.Module):
@@ -184,12 +182,12 @@ class PatchEmbed(nnx.Module):
         conv_shape = (config.hidden_size, config.in_channels, config.temporal_patch_size,
                       config.patch_size, config.patch_size)
         self.proj = Linear(config.patch_dim, config.hidden_size, param_dtype=param_dtype,
-                               kernel_metadata={**axes("vision_patch", "vision_embed"), "conv_shape": conv_shape},
-                               bias_metadata=axes("vision_embed"), rngs=rngs)
+                           kernel_metadata={**axes("vision_patch", "vision_embed"), "conv_shape": conv_shape},
+                           bias_metadata=axes("vision_embed"), rngs=rngs)
 
     def __call__(self, pixel_values: jax.Array) -> jax.Array:
-        """(P, C) -> (P, E); pixels are cast to the parameter dtype first."""
-        return self.proj(pixel_values.astype(self.proj.kernel.dtype))
+        """(P, C) -> (P, E); pixels are cast to the parameter dtype first (`Linear`)."""
+        return self.proj(pixel_values)
 
 
 class VisionAttention(nnx.Module):

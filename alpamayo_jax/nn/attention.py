@@ -126,15 +126,12 @@ class Attention(nnx.Module):
     ) -> tuple[jax.Array, KV]:
         """Returns the output (B, T, D) and this call's own keys/values in the cache's layout
         (B, K, T, H), keys after k_norm and rotary."""
-        q = apply_rotary(self.q_norm(self.q_proj(x)), cos, sin)
-        k = apply_rotary(self.k_norm(self.k_proj(x)), cos, sin)
-        v = self.v_proj(x)
-        new_kv = (jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2))
-        q = q.astype(self.dtype)
+        q = apply_rotary(self.q_norm(self.q_proj(x)), cos, sin).astype(self.dtype)
+        k = jnp.swapaxes(apply_rotary(self.k_norm(self.k_proj(x)), cos, sin), 1, 2)
+        v = jnp.swapaxes(self.v_proj(x), 1, 2)
+        own = (k.astype(self.dtype), v.astype(self.dtype))
         if prefix_kv is None:
-            out = dot_product_attention(q, k.astype(self.dtype), v.astype(self.dtype), bias)
+            out = block_attention(q, [(*own, bias)])
         else:
-            (prefix_k, prefix_v), (k, v) = prefix_kv, new_kv
-            out = prefix_attention(q, k.astype(self.dtype), v.astype(self.dtype), bias,
-                                   prefix_k.astype(self.dtype), prefix_v.astype(self.dtype))
-        return self.o_proj(out), new_kv
+            out = prefix_attention(q, *own, bias, *(part.astype(self.dtype) for part in prefix_kv))
+        return self.o_proj(out), (k, v)

@@ -17,8 +17,8 @@ class SwiGLU(nnx.Module):
 
     def __init__(self, dim: int, hidden: int, *, param_dtype=jnp.float32, rngs: nnx.Rngs):
         def linear(n_in, n_out, names):
-            return Linear(n_in, n_out, use_bias=False, param_dtype=param_dtype,
-                              kernel_metadata=axes(*names), rngs=rngs)
+            return Linear(n_in, n_out, use_bias=False, param_dtype=param_dtype, kernel_metadata=axes(*names),
+                          rngs=rngs)
 
         self.gate_proj = linear(dim, hidden, ("embed", "mlp"))
         self.up_proj = linear(dim, hidden, ("embed", "mlp"))

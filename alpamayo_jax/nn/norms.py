@@ -7,6 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from alpamayo_jax.nn.axes import axes
+from alpamayo_jax.nn.precision import LAYER_NORM_DTYPE
 
 
 def rms_normalize(x: jax.Array, eps: float) -> jax.Array:
@@ -29,3 +30,11 @@ class RMSNorm(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.scale[...] * rms_normalize(x, self.eps)
+
+
+def layer_norm(dim: int, *, eps: float, axis_name: str, param_dtype=jnp.float32, rngs: nnx.Rngs) -> nnx.LayerNorm:
+    """torch's LayerNorm as the reference runs it: the two-pass variance (the fast
+    E[x^2] - E[x]^2 form loses precision), computed and returned in float32 whatever the
+    parameters' dtype, as under autocast (`alpamayo_jax.nn.precision`)."""
+    return nnx.LayerNorm(dim, epsilon=eps, use_fast_variance=False, dtype=LAYER_NORM_DTYPE, param_dtype=param_dtype,
+                         scale_metadata=axes(axis_name), bias_metadata=axes(axis_name), rngs=rngs)
