@@ -92,7 +92,8 @@ def _run(pipeline, settings, args, *, noise, clip=None, inputs=None, model_name:
     """Runs the pipeline on a clip or recorded inputs; writes --out (and --plot); returns the
     JSON-ready result."""
     from alpamayo_jax.inference.batch import result_record, write_result
-    from alpamayo_jax.inference.pipeline import sample_from_inputs, sample_trajectories, seed_key
+    from alpamayo_jax.inference.pipeline import sample_from_inputs, sample_trajectories
+    from alpamayo_jax.inference.sampling import seed_key
     from alpamayo_jax.processing.model_inputs import inputs_from_recorded
 
     key = seed_key(args.seed)
@@ -140,7 +141,7 @@ def _batch(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from alpamayo_jax.inference.batch import clip_paths, run_clips
-    from alpamayo_jax.inference.pipeline import seed_key
+    from alpamayo_jax.inference.sampling import seed_key
 
     if args.batch_size is not None and args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -253,6 +254,7 @@ def _train(args: argparse.Namespace) -> int:
 
     from alpamayo_jax.data.physical_ai_av import is_dataset_root
     from alpamayo_jax.inference.batch import clip_paths
+    from alpamayo_jax.inference.sampling import seed_key
     from alpamayo_jax.io.convert import save_model_bundle
     from alpamayo_jax.sharding import FSDP_RULES, LOGICAL_RULES
     from alpamayo_jax.training.data import load_training_clips
@@ -283,7 +285,7 @@ def _train(args: argparse.Namespace) -> int:
     else:
         clips = load_training_clips(clip_paths(args.data))
     pipeline = _load_pipeline(args)
-    trainer, state = Trainer.create(pipeline.model, optimizer, jax.random.key(args.seed), stage=args.stage,
+    trainer, state = Trainer.create(pipeline.model, optimizer, seed_key(args.seed), stage=args.stage,
                                     expert_attention=args.expert_attention or "default", mesh=pipeline.mesh,
                                     rules=FSDP_RULES if args.fsdp else LOGICAL_RULES, remat=args.remat)
     micro_steps = args.steps * accumulation

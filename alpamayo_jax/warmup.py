@@ -45,11 +45,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     """Loads the model, runs one inference per requested shape, prints what each compiled."""
     import jax
-    import jax.numpy as jnp
 
     from alpamayo_jax import cli
     from alpamayo_jax.compilation_cache import count_compilations
     from alpamayo_jax.inference.pipeline import sample_trajectories
+    from alpamayo_jax.inference.sampling import seed_key, seed_keys
     from alpamayo_jax.processing.synthetic import synthetic_clip
 
     sizes = args.image_size or [_warmup_size(DEFAULT_WARMUP_SIZE)]
@@ -67,9 +67,7 @@ def main(args: argparse.Namespace) -> int:
         batch = [synthetic_clip(index, image_size=(height, width)) for index in range(clips)]
         start = time.perf_counter()
         with count_compilations() as count:
-            key = jax.random.key(args.seed)
-            if args.per_clip_keys:
-                key = jnp.stack([key] * clips)
+            key = seed_keys([args.seed] * clips) if args.per_clip_keys else seed_key(args.seed)
             samples = sample_trajectories(pipeline, batch, key, settings)
         seconds = time.perf_counter() - start
         total["compiled"] += len(count.compiled)

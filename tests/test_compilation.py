@@ -26,7 +26,7 @@ from alpamayo_jax.compilation_cache import (
     resolve_cache_dir,
     setup_compilation_cache,
 )
-from alpamayo_jax.inference.pipeline import seed_key
+from alpamayo_jax.inference.sampling import seed_key, seed_keys
 
 FIXTURE = Path(__file__).parent / "fixtures" / "tiny_ar1_dev"
 REPO = Path(__file__).parent.parent
@@ -49,10 +49,12 @@ jax.monitoring.register_event_listener(lambda event, **_: events.update([event])
 cache_dir = setup_compilation_cache()
 with count_compilations() as process:
     from alpamayo_jax.inference.inference_config import InferenceConfig
-    from alpamayo_jax.inference.pipeline import Pipeline, sample_from_inputs, seed_key
+    from alpamayo_jax.inference.pipeline import Pipeline, sample_from_inputs
+    from alpamayo_jax.inference.sampling import seed_key
     from alpamayo_jax.processing.synthetic import synthetic_clip
 
-    pipeline = Pipeline.load({str(FIXTURE / "hf")!r}, processor_dir={str(FIXTURE / "vlm")!r})
+    with count_compilations() as loading:
+        pipeline = Pipeline.load({str(FIXTURE / "hf")!r}, processor_dir={str(FIXTURE / "vlm")!r})
     settings = InferenceConfig.from_model(pipeline.config, max_new_tokens={MAX_NEW_TOKENS})
     clip = synthetic_clip(0, image_size=(32, 48))
     with count_compilations() as infer:
@@ -65,7 +67,7 @@ with count_compilations() as process:
 print(json.dumps({{
     "cache_dir": None if cache_dir is None else str(cache_dir),
     "infer": infer.programs, "preprocess": preprocess.programs, "key": seeding.programs,
-    "call": call.programs, "process": process.programs,
+    "call": call.programs, "process": process.programs, "load": loading.programs,
     "hits": events["/jax/compilation_cache/cache_hits"],
     "misses": events["/jax/compilation_cache/cache_misses"],
     "xyz": samples.xyz.tolist(),
@@ -130,11 +132,12 @@ def test_one_call_compiles_its_stages_only(tmp_path):
     """A cold `infer` call compiles at most a handful of programs: preprocessing one (resize,
     normalisation, patches and history tokens of the clip), the key from the seed none, and
     `sample_from_inputs` its four stages and nothing else (no eager op, PRNG split or reshape
-    outside them). With the cache off nothing is written, not even the default directory."""
+    outside them). Loading the checkpoint compiles nothing. With the cache off nothing is
+    written, not even the default directory."""
     cold = run_child({ENV_VAR: "off", "XDG_CACHE_HOME": str(tmp_path / "xdg")})
     assert cold["cache_dir"] is None and not (tmp_path / "xdg").exists()
     assert names(cold["preprocess"]) == PREPROCESS, cold["preprocess"]
-    assert cold["key"] == []
+    assert cold["key"] == [] and cold["load"] == [], (cold["key"], cold["load"])
     assert names(cold["call"]) == STAGES, cold["call"]
     assert len(cold["infer"]) <= MAX_PROGRAMS, names(cold["infer"])
     assert names(cold["infer"]) == PREPROCESS + STAGES
@@ -144,7 +147,8 @@ def test_one_call_compiles_its_stages_only(tmp_path):
 @pytest.mark.parametrize("x64", [False, True])
 def test_seed_key_is_jax_random_key(x64):
     """The CLI's key (`seed_key`, made on the host, compiling nothing) is `jax.random.key(seed)`
-    for every seed that takes: the int64 range, cut to 32 bits unless 64-bit types are on."""
+    for every seed that takes: the int64 range, cut to 32 bits unless 64-bit types are on; the
+    serving worker's `seed_keys` is the same keys in one array."""
     seeds = [0, 1, 42, -1, -7, 2**31 - 1, 2**31, 2**32 - 1, 2**32, 2**32 + 5, 2**40 + 3, -2**31 - 1,
              2**63 - 1, -2**63]
     with jax.enable_x64(x64):
@@ -155,6 +159,10 @@ def test_seed_key_is_jax_random_key(x64):
             expected = jax.random.key(seed)
             assert key.dtype == expected.dtype and key.shape == expected.shape == ()
             np.testing.assert_array_equal(jax.random.key_data(key), jax.random.key_data(expected), err_msg=str(seed))
+        with count_compilations() as count:
+            batch = seed_keys(seeds)
+        assert count.programs == [] and batch.shape == (len(seeds),)
+        np.testing.assert_array_equal(jax.random.key_data(batch), np.stack([jax.random.key_data(k) for k in keys]))
         with pytest.raises(OverflowError):
             seed_key(2**63)
 

@@ -236,6 +236,20 @@ def test_decode_is_one_while_loop_independent_of_length(tiny_split, main_run, sh
     assert counts[0][1] == counts[1][1], counts  # the program does not grow with max_new_tokens
 
 
+def test_decode_writes_the_cache_in_place(tiny_split, main_run):
+    """Each layer writes its token into the loop-carried cache before reading it
+    (`nn.attention.CacheWrite`), so XLA copies no whole cache per step (reading the old cache in
+    every layer and writing after the last made it copy keys and values twice per step)."""
+    cache = main_run.cache
+    compiled = generation.decode_rollout.lower(
+        tiny_split, cache, main_run.logits[:, 0], main_run.rope_deltas, jax.random.key(0), jnp.array([-1]),
+        config=fixture_config(24)).compile().as_text()
+    shape = "f32[" + ",".join(map(str, cache.k.shape)) + "]"
+    assert compiled.count(shape) > 0, "the cache's shape is not in the program"
+    copies = [line.strip() for line in compiled.splitlines() if shape in line and " copy(" in line]
+    assert copies == [], copies
+
+
 def test_decode_compiles_once(tiny_split, fixture_inputs, main_run):
     before = generation.decode_rollout._cache_size(), generation.prefill._cache_size()
     again = generate(tiny_split, fixture_inputs, config=fixture_config(24), key=jax.random.key(123))

@@ -34,7 +34,6 @@ import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import jax
 import numpy as np
 
 from alpamayo_jax.data.iterator import ClipFileSource, DatasetSource, Source
@@ -200,6 +199,7 @@ def evaluate(
     is given), scores every clip and writes the report files (module docstring). Returns the
     content of metrics.json."""
     from alpamayo_jax.inference.batch import run_clips
+    from alpamayo_jax.inference.sampling import seed_key
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -214,7 +214,7 @@ def evaluate(
             if status == "failed" and on_clip:
                 on_clip(name, None)
 
-        summary = run_clips(pipeline, source, out_dir, jax.random.key(seed), settings, batch_size=batch_size,
+        summary = run_clips(pipeline, source, out_dir, seed_key(seed), settings, batch_size=batch_size,
                             plots=plots, reseed_per_clip=True, on_clip=progress,
                             provenance={**(provenance or {}), "seed": seed})
         failed = {str(name): why for name, why in summary.failed.items()}

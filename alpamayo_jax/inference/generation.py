@@ -42,6 +42,7 @@ from alpamayo_jax.inference.sampling import (
     fold_in_step,
     mask_token_range,
     row_keys,
+    seed_key,
     select_tokens,
 )
 from alpamayo_jax.models.alpamayo import AlpamayoR1
@@ -356,7 +357,7 @@ def generate(
     if config.sampling.do_sample and key is None:
         raise ValueError("sampling needs a PRNG key")
     if key is None:  # greedy without a key: any key serves, and the program is the one a key gets
-        key, derive_key = jax.random.key(0), None
+        key, derive_key = seed_key(0), None
     if key.ndim == 1 and key.shape != (inputs.num_clips,):
         raise ValueError(f"one key per clip: expected ({inputs.num_clips},) keys, got {key.shape}")
     if key.ndim > 1:

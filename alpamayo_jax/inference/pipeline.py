@@ -171,19 +171,6 @@ def check_noise(noise, rows: int, waypoints: int) -> np.ndarray:
     return array.astype(np.float32)
 
 
-def seed_key(seed: int) -> jax.Array:
-    """`jax.random.key(seed)`, the same key, made on the host: no compiled program (the first
-    `jax.random.key` compiles two, the seed's conversion and threefry's seeding). Threefry's key
-    of an integer seed is its 64 bits, high word first; with 64-bit types off (JAX's default) the
-    seed is cut to its low 32 bits and the high word is 0. Another PRNG implementation or a seed
-    offset goes through `jax.random.key`. A seed beyond int64 raises OverflowError, as there."""
-    if jax.config.jax_default_prng_impl != "threefry2x32" or jax.config.jax_random_seed_offset:
-        return jax.random.key(seed)
-    bits = int(np.int64(seed)) & 0xFFFF_FFFF_FFFF_FFFF
-    high = bits >> 32 if jax.config.jax_enable_x64 else 0
-    return jax.random.wrap_key_data(np.array([high, bits & 0xFFFF_FFFF], np.uint32), impl="threefry2x32")
-
-
 def sample_from_inputs(
     pipeline: Pipeline,
     inputs: ModelInputs,

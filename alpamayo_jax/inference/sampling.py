@@ -19,9 +19,11 @@ Shapes: B rows, V vocabulary.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 NEG_INF = float("-inf")
 
@@ -143,3 +145,31 @@ def row_keys(clip_keys: jax.Array, num_samples: int) -> jax.Array:
     (c, s) draws with fold_in(clip_keys[c], s), whatever else shares the batch."""
     samples = jnp.arange(num_samples)
     return jax.vmap(lambda key: jax.vmap(lambda s: jax.random.fold_in(key, s))(samples))(clip_keys).reshape(-1)
+
+
+def seed_key(seed: int) -> jax.Array:
+    """`jax.random.key(seed)`, the same key, made on the host: no compiled program (the first
+    `jax.random.key` compiles two, the seed's conversion and threefry's seeding). Threefry's key
+    of an integer seed is its 64 bits, high word first; with 64-bit types off (JAX's default) the
+    seed is cut to its low 32 bits and the high word is 0. Another PRNG implementation or a seed
+    offset goes through `jax.random.key`. A seed beyond int64 raises OverflowError, as there."""
+    if not _host_seeding():
+        return jax.random.key(seed)
+    return jax.random.wrap_key_data(np.array(_threefry_words(seed), np.uint32), impl="threefry2x32")
+
+
+def seed_keys(seeds: Sequence[int]) -> jax.Array:
+    """(n,) keys, `seed_key` of each seed, made on the host in one array."""
+    if not _host_seeding():
+        return jnp.stack([jax.random.key(seed) for seed in seeds])
+    words = np.array([_threefry_words(seed) for seed in seeds], np.uint32).reshape(len(seeds), 2)
+    return jax.random.wrap_key_data(words, impl="threefry2x32")
+
+
+def _host_seeding() -> bool:
+    return jax.config.jax_default_prng_impl == "threefry2x32" and not jax.config.jax_random_seed_offset
+
+
+def _threefry_words(seed: int) -> tuple[int, int]:
+    bits = int(np.int64(seed)) & 0xFFFF_FFFF_FFFF_FFFF
+    return (bits >> 32 if jax.config.jax_enable_x64 else 0), bits & 0xFFFF_FFFF

@@ -123,7 +123,7 @@ def load_tensors_into(
     """
     targets = module_variables(module)
     plan = plan_assignment(targets, describe(tensors), rules)
-    place = place or (lambda _path, value: jnp.asarray(value))
+    place = place or (lambda _path, value: jax.device_put(value))  # jnp.asarray compiles a copy per shape
     for item in plan:
         targets[item.path].set_value(place(item.path, read_assignment(item, tensors, targets[item.path], on_tensor)))
     return plan

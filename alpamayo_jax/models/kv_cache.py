@@ -52,24 +52,42 @@ class KVCache:
     def capacity(self) -> int:
         return self.k.shape[3]
 
-    def append(self, k_new: jax.Array, v_new: jax.Array, mask_new: jax.Array | None = None) -> KVCache:
-        """Writes (L, B, K, T, H) new keys/values at `length` and advances it by T; `mask_new`
-        (B, T) bool marks which of them may be attended to (default: all).
-
-        Writing past `capacity` would be clamped silently by XLA, so a concrete overflow raises here;
-        inside jit the caller sizes the cache (generation allocates prompt + max_new_tokens).
-        """
-        num_new = k_new.shape[3]
+    def check_room(self, num_new: int) -> None:
+        """Raises if `num_new` more tokens would not fit. Writing past `capacity` would be clamped
+        silently by XLA, so only a concrete length is checked; inside jit the caller sizes the
+        cache (generation allocates prompt + max_new_tokens)."""
         if not isinstance(self.length, jax.core.Tracer) and int(self.length) + num_new > self.capacity:
             raise ValueError(
                 f"KV cache overflow: {int(self.length)} + {num_new} tokens > capacity {self.capacity}"
             )
+
+    def new_tokens_mask(self, mask_new: jax.Array) -> jax.Array:
+        """(B, T, S) bool: the slots each of T new tokens at `length` may attend to once they are
+        written (the cache's attendable tokens, then the new ones causally); `mask_new` (B, T)
+        bool marks which new tokens may be attended to at all."""
+        num_new = mask_new.shape[1]
+        slots = self._marked(mask_new)[:, None, :]  # (B, 1, S)
+        last_visible = self.length + jnp.arange(num_new)  # (T,)
+        return slots & (jnp.arange(self.capacity)[None, :] <= last_visible[:, None])[None]
+
+    def written(self, k: jax.Array, v: jax.Array, mask_new: jax.Array) -> KVCache:
+        """The cache after T new tokens were written at `length` into `k`, `v` (L, B, K, S, H)
+        (as a cached `TextDecoder` forward does): their slots marked by `mask_new` (B, T) bool,
+        `length` advanced by T."""
+        return KVCache(k=k, v=v, mask=self._marked(mask_new), length=self.length + mask_new.shape[1]).constrained()
+
+    def append(self, k_new: jax.Array, v_new: jax.Array, mask_new: jax.Array | None = None) -> KVCache:
+        """Writes (L, B, K, T, H) new keys/values at `length` and advances it by T; `mask_new`
+        (B, T) bool marks which of them may be attended to (default: all). Raises on a concrete
+        overflow (`check_room`)."""
+        num_new = k_new.shape[3]
+        self.check_room(num_new)
         if mask_new is None:
             mask_new = jnp.ones((k_new.shape[1], num_new), bool)
         start = (0, 0, 0, self.length, 0)
-        return KVCache(
-            k=jax.lax.dynamic_update_slice(self.k, k_new.astype(self.k.dtype), start),
-            v=jax.lax.dynamic_update_slice(self.v, v_new.astype(self.v.dtype), start),
-            mask=jax.lax.dynamic_update_slice(self.mask, mask_new.astype(bool), (0, self.length)),
-            length=self.length + num_new,
-        ).constrained()
+        return self.written(jax.lax.dynamic_update_slice(self.k, k_new.astype(self.k.dtype), start),
+                            jax.lax.dynamic_update_slice(self.v, v_new.astype(self.v.dtype), start), mask_new)
+
+    def _marked(self, mask_new: jax.Array) -> jax.Array:
+        """(B, S) bool: the slot mask with `mask_new` (B, T) written at `length`."""
+        return jax.lax.dynamic_update_slice(self.mask, mask_new.astype(bool), (0, self.length))

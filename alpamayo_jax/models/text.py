@@ -18,7 +18,7 @@ from flax import nnx
 
 from alpamayo_jax.config import DecoderConfig, TextConfig
 from alpamayo_jax.models.kv_cache import KVCache
-from alpamayo_jax.nn.attention import bias_from_mask, causal_mask
+from alpamayo_jax.nn.attention import CacheWrite, bias_from_mask, causal_mask
 from alpamayo_jax.nn.axes import axes
 from alpamayo_jax.nn.decoder_layer import DecoderLayer
 from alpamayo_jax.nn.linear import Linear
@@ -31,6 +31,8 @@ class DecoderOutput(NamedTuple):
     k: jax.Array  # (L, B, K, T, H) keys of the new tokens (the cache's layout), after k_norm and rotary
     v: jax.Array  # (L, B, K, T, H)
     layer_outputs: tuple[jax.Array, ...] | None  # L x (B, T, D), raw layer outputs (before DeepStack)
+    cache_k: jax.Array | None = None  # (L, B, K, S, H) with a cache: its keys, the new tokens' written
+    cache_v: jax.Array | None = None  # (L, B, K, S, H)
 
 
 class TextDecoder(nnx.Module):
@@ -54,15 +56,22 @@ class TextDecoder(nnx.Module):
         self,
         inputs_embeds: jax.Array,  # (B, T, D)
         position_ids: jax.Array,  # (3, B, T) MRoPE (t, h, w) positions
-        bias: jax.Array | None,  # broadcastable to (B, N, T, S + T) (S = 0 without prefix)
+        bias: jax.Array | None,  # broadcastable to (B, N, T, S + T) (S = 0 without prefix); (B, N, T, S) with cache
         prefix_kv: tuple[jax.Array, jax.Array] | None = None,  # (L, B, K, S, H) each, read only
         deepstack_embeds: jax.Array | None = None,  # (J, B, T, D), added after layers 0..J-1
         return_layer_outputs: bool = False,
         remat: bool = False,
+        cache: KVCache | None = None,
     ) -> DecoderOutput:
-        """With `remat`, each layer's activations are recomputed in the backward pass instead of
+        """Either attends to a read-only `prefix_kv` followed by the new tokens, or writes the new
+        tokens' keys/values into `cache` at its length, layer by layer, and attends to the cache
+        (`CacheWrite`; `cache_k`/`cache_v` of the output, the cache's mask and length unchanged).
+
+        With `remat`, each layer's activations are recomputed in the backward pass instead of
         stored (`nnx.remat` per layer): memory of one layer for the price of a second forward."""
         c = self.config
+        if cache is not None and (prefix_kv is not None or remat):
+            raise ValueError("a cached forward takes neither a read-only prefix_kv nor remat")
         cos, sin = mrope_cos_sin(position_ids, head_dim=c.head_dim, theta=c.rope_theta,
                                  mrope_section=c.mrope_section, dtype=inputs_embeds.dtype)
         num_deepstack = 0 if deepstack_embeds is None else deepstack_embeds.shape[0]
@@ -71,19 +80,31 @@ class TextDecoder(nnx.Module):
         x = inputs_embeds
         new_k, new_v, layer_outputs = [], [], []
         apply_layer = _recomputed_layer if remat else _layer
+        cache_kv = None if cache is None else (cache.k, cache.v)
         for index, layer in enumerate(self.layers):
-            layer_prefix = None if prefix_kv is None else (prefix_kv[0][index], prefix_kv[1][index])
-            x, (k, v) = apply_layer(layer, x, cos, sin, bias, layer_prefix)
-            new_k.append(k)
-            new_v.append(v)
+            if cache_kv is not None:
+                write = CacheWrite(*cache_kv, layer=index, start=cache.length)
+                x, cache_kv = layer(x, cos, sin, bias, cache=write)
+            else:
+                layer_prefix = None if prefix_kv is None else (prefix_kv[0][index], prefix_kv[1][index])
+                x, (k, v) = apply_layer(layer, x, cos, sin, bias, layer_prefix)
+                new_k.append(k)
+                new_v.append(v)
             layer_outputs.append(x)
             if index < num_deepstack:
                 x = x + deepstack_embeds[index].astype(x.dtype)
+        if cache_kv is None:
+            k, v, cache_k, cache_v = jnp.stack(new_k), jnp.stack(new_v), None, None
+        else:
+            cache_k, cache_v = cache_kv
+            k, v = (jax.lax.dynamic_slice_in_dim(part, cache.length, x.shape[1], axis=3) for part in cache_kv)
         return DecoderOutput(
             hidden_states=self.norm(x),
-            k=jnp.stack(new_k),
-            v=jnp.stack(new_v),
+            k=k,
+            v=v,
             layer_outputs=tuple(layer_outputs) if return_layer_outputs else None,
+            cache_k=cache_k,
+            cache_v=cache_v,
         )
 
 
@@ -154,21 +175,20 @@ class CausalLM(nnx.Module):
             raise ValueError(f"attention_mask must be ({batch}, {num_new}), got {attention_mask.shape}")
         attention_mask = attention_mask.astype(bool)
 
-        mask = causal_mask(num_new)[None] & attention_mask[:, None, :]  # (B, T, T)
-        prefix_kv = None
-        if cache is not None:
-            prefix = jnp.broadcast_to(cache.mask[:, None, :], (batch, num_new, cache.capacity))
-            mask = jnp.concatenate([prefix, mask], axis=2)  # (B, T, S + T)
-            prefix_kv = (cache.k, cache.v)
+        if cache is None:
+            mask = causal_mask(num_new)[None] & attention_mask[:, None, :]  # (B, T, T)
+        else:
+            cache.check_room(num_new)
+            mask = cache.new_tokens_mask(attention_mask)  # (B, T, S)
         out = self.language_model(
-            inputs_embeds, position_ids, bias_from_mask(mask)[:, None], prefix_kv,
-            deepstack_embeds, return_layer_outputs, remat,
+            inputs_embeds, position_ids, bias_from_mask(mask)[:, None], None,
+            deepstack_embeds, return_layer_outputs, remat, cache,
         )
         hidden = out.hidden_states if num_logits is None else out.hidden_states[:, -num_logits:]
         return LMOutput(
             logits=self.lm_head(hidden),
             hidden_states=out.hidden_states,
-            cache=None if cache is None else cache.append(out.k, out.v, attention_mask),
+            cache=None if cache is None else cache.written(out.cache_k, out.cache_v, attention_mask),
             k=out.k,
             v=out.v,
             layer_outputs=out.layer_outputs,

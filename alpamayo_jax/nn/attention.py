@@ -6,6 +6,8 @@ K key/value heads, H head_dim.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -19,6 +21,18 @@ from alpamayo_jax.nn.rotary import apply_rotary
 MASK_VALUE = float(jnp.finfo(jnp.float32).min)
 
 KV = tuple[jax.Array, jax.Array]  # keys, values: (B, K, S, H) each, the KV cache's layout
+
+
+class CacheWrite(NamedTuple):
+    """Where a layer of a cached forward puts its new keys/values: slots `start`.. of layer `layer`
+    of a stacked cache. The layer then attends to its whole (B, K, S, H) block, the new tokens
+    included. Writing before reading lets XLA update the loop-carried cache of a decode loop in
+    place; reading the old cache and writing after the last layer makes it copy the whole cache."""
+
+    k: jax.Array  # (L, B, K, S, H)
+    v: jax.Array  # (L, B, K, S, H)
+    layer: int
+    start: jax.Array  # () int32: the first new token's slot
 
 
 def bias_from_mask(mask: jax.Array) -> jax.Array:
@@ -98,7 +112,8 @@ def block_attention(q: jax.Array, blocks: list[tuple[jax.Array, jax.Array, jax.A
 
 class Attention(nnx.Module):
     """Qwen3 attention: q/k/v projections, per-head RMSNorm on q and k, rotary, GQA, output
-    projection. New tokens attend to an optional read-only `prefix_kv` followed by themselves."""
+    projection. New tokens attend to an optional read-only `prefix_kv` followed by themselves, or,
+    given a `CacheWrite`, are written into a stacked cache and attend to the layer's cache."""
 
     def __init__(self, config: DecoderConfig, *, param_dtype=jnp.float32, rngs: nnx.Rngs):
         d, n, k, h = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim
@@ -121,14 +136,24 @@ class Attention(nnx.Module):
         x: jax.Array,  # (B, T, D)
         cos: jax.Array,  # (B, T, H)
         sin: jax.Array,  # (B, T, H)
-        bias: jax.Array | None,  # broadcastable to (B, N, T, S + T)
+        bias: jax.Array | None,  # broadcastable to (B, N, T, S + T); with `cache`, to (B, N, T, S)
         prefix_kv: KV | None = None,
+        cache: CacheWrite | None = None,
     ) -> tuple[jax.Array, KV]:
         """Returns the output (B, T, D) and this call's own keys/values in the cache's layout
-        (B, K, T, H), keys after k_norm and rotary."""
+        (B, K, T, H), keys after k_norm and rotary; with `cache`, the cache's stacked keys/values
+        (L, B, K, S, H) with this call's written into them."""
         q = apply_rotary(self.q_norm(self.q_proj(x)), cos, sin).astype(self.dtype)
         k = jnp.swapaxes(apply_rotary(self.k_norm(self.k_proj(x)), cos, sin), 1, 2)
         v = jnp.swapaxes(self.v_proj(x), 1, 2)
+        if cache is not None:
+            if prefix_kv is not None:
+                raise ValueError("pass a read-only prefix_kv or a cache to write into, not both")
+            at = (cache.layer, 0, 0, cache.start, 0)
+            cache_k = jax.lax.dynamic_update_slice(cache.k, k[None].astype(cache.k.dtype), at)
+            cache_v = jax.lax.dynamic_update_slice(cache.v, v[None].astype(cache.v.dtype), at)
+            keys, values = cache_k[cache.layer].astype(self.dtype), cache_v[cache.layer].astype(self.dtype)
+            return self.o_proj(block_attention(q, [(keys, values, bias)])), (cache_k, cache_v)
         own = (k.astype(self.dtype), v.astype(self.dtype))
         if prefix_kv is None:
             out = block_attention(q, [(*own, bias)])

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from alpamayo_jax.config import DecoderConfig
-from alpamayo_jax.nn.attention import KV, Attention
+from alpamayo_jax.nn.attention import KV, Attention, CacheWrite
 from alpamayo_jax.nn.mlp import SwiGLU
 from alpamayo_jax.nn.norms import RMSNorm
 
@@ -27,10 +27,12 @@ class DecoderLayer(nnx.Module):
         x: jax.Array,  # (B, T, D)
         cos: jax.Array,  # (B, T, H)
         sin: jax.Array,  # (B, T, H)
-        bias: jax.Array | None,  # broadcastable to (B, N, T, S + T)
+        bias: jax.Array | None,  # broadcastable to (B, N, T, S + T); with `cache`, to (B, N, T, S)
         prefix_kv: KV | None = None,  # (B, K, S, H) each, read only
+        cache: CacheWrite | None = None,
     ) -> tuple[jax.Array, KV]:
-        attn_out, kv = self.self_attn(self.input_layernorm(x), cos, sin, bias, prefix_kv)
+        """Returns the output (B, T, D) and the keys/values `Attention` returns."""
+        attn_out, kv = self.self_attn(self.input_layernorm(x), cos, sin, bias, prefix_kv, cache)
         x = x + attn_out
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x, kv

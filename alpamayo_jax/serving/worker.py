@@ -33,11 +33,10 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 
-import jax
-import jax.numpy as jnp
 
 from alpamayo_jax.inference.inference_config import InferenceConfig
 from alpamayo_jax.inference.pipeline import Pipeline, TrajectorySamples, sample_from_inputs
+from alpamayo_jax.inference.sampling import seed_keys
 from alpamayo_jax.processing.model_inputs import ModelInputs, concat_inputs
 from alpamayo_jax.processing.synthetic import synthetic_clip
 from alpamayo_jax.serving.metrics import Metrics
@@ -233,7 +232,7 @@ class InferenceWorker:
                 fill = [batch[-1]] * (size - len(batch))  # fill-up rows, results dropped
                 inputs = concat_inputs([job.inputs for job in batch + fill])
                 seeds = [job.seed for job in batch + fill]
-            keys = jnp.stack([jax.random.key(seed) for seed in seeds])
+            keys = seed_keys(seeds)
             samples = self._run(self.pipeline, inputs, keys, settings)
         except Exception as error:  # the callers report it; the worker keeps serving
             logger.exception("inference failed (%d request(s): %s)", len(batch), ", ".join(j.source for j in batch))
@@ -267,7 +266,7 @@ class InferenceWorker:
             for size in self.batch_sizes:
                 began = time.perf_counter()
                 samples = self._run(self.pipeline, concat_inputs([inputs] * size),
-                                    jnp.stack([jax.random.key(0)] * size), self.settings)
+                                    seed_keys([0] * size), self.settings)
                 logger.info("warmed up %d clip(s) of %dx%d frames in %.1f s (%s)", size, height, width,
                             time.perf_counter() - began, ", ".join(f"{k} {v:.2f} s" for k, v in samples.timings.items()))
         self.warmup_seconds = time.perf_counter() - start
