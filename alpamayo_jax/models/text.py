@@ -18,7 +18,7 @@ from flax import nnx
 
 from alpamayo_jax.config import DecoderConfig, TextConfig
 from alpamayo_jax.models.kv_cache import KVCache
-from alpamayo_jax.nn.attention import CacheWrite, bias_from_mask, causal_mask
+from alpamayo_jax.nn.attention import CacheWrite, CausalMask, bias_from_mask
 from alpamayo_jax.nn.axes import axes
 from alpamayo_jax.nn.decoder_layer import DecoderLayer
 from alpamayo_jax.nn.linear import Linear
@@ -56,7 +56,7 @@ class TextDecoder(nnx.Module):
         self,
         inputs_embeds: jax.Array,  # (B, T, D)
         position_ids: jax.Array,  # (3, B, T) MRoPE (t, h, w) positions
-        bias: jax.Array | None,  # broadcastable to (B, N, T, S + T) (S = 0 without prefix); (B, N, T, S) with cache
+        bias: jax.Array | CausalMask | None,  # (B, N, T, S + T)-broadcastable; (B, N, T, S) with cache
         prefix_kv: tuple[jax.Array, jax.Array] | None = None,  # (L, B, K, S, H) each, read only
         deepstack_embeds: jax.Array | None = None,  # (J, B, T, D), added after layers 0..J-1
         return_layer_outputs: bool = False,
@@ -176,12 +176,12 @@ class CausalLM(nnx.Module):
         attention_mask = attention_mask.astype(bool)
 
         if cache is None:
-            mask = causal_mask(num_new)[None] & attention_mask[:, None, :]  # (B, T, T)
+            mask = CausalMask(attention_mask)
         else:
             cache.check_room(num_new)
-            mask = cache.new_tokens_mask(attention_mask)  # (B, T, S)
+            mask = bias_from_mask(cache.new_tokens_mask(attention_mask))[:, None]  # (B, 1, T, S)
         out = self.language_model(
-            inputs_embeds, position_ids, bias_from_mask(mask)[:, None], None,
+            inputs_embeds, position_ids, mask, None,
             deepstack_embeds, return_layer_outputs, remat, cache,
         )
         hidden = out.hidden_states if num_logits is None else out.hidden_states[:, -num_logits:]

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from alpamayo_jax.config import DecoderConfig
-from alpamayo_jax.nn.attention import KV, Attention, CacheWrite
+from alpamayo_jax.nn.attention import KV, Attention, CacheWrite, CausalMask
 from alpamayo_jax.nn.mlp import SwiGLU
 from alpamayo_jax.nn.norms import RMSNorm
 
@@ -27,7 +27,7 @@ class DecoderLayer(nnx.Module):
         x: jax.Array,  # (B, T, D)
         cos: jax.Array,  # (B, T, H)
         sin: jax.Array,  # (B, T, H)
-        bias: jax.Array | None,  # broadcastable to (B, N, T, S + T); with `cache`, to (B, N, T, S)
+        bias: jax.Array | CausalMask | None,  # as `Attention`
         prefix_kv: KV | None = None,  # (B, K, S, H) each, read only
         cache: CacheWrite | None = None,
     ) -> tuple[jax.Array, KV]:
