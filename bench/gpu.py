@@ -35,6 +35,9 @@ first_call), --rounds timed calls (default 3), medians reported:
   drawn from the prefill's logits, each later one costs one decode forward). With random weights
   a rollout rarely stops early: --max-new-tokens (default 64) is a fixed budget and the tokens
   actually generated are reported.
+* attention: which kernel the prefill's causal attention uses (`nn.attention.use_fused_attention`:
+  cuDNN's fused kernel on a GPU in 16-bit floats, XLA otherwise) and, for cuDNN, its time and
+  largest difference from XLA's at the prompt's length, before the rounds;
 * peak memory: `jax.devices()[0].memory_stats()["peak_bytes_in_use"]` after the rounds (JAX
   cannot reset it: the S = 6 figure is the peak of the whole process so far, the parameters
   alone are `bytes_after_build`); n/a (null) where the backend keeps no statistics (the CPU).
@@ -144,6 +147,7 @@ from alpamayo_jax.inference.generation import cache_capacity, prefill  # noqa: E
 from alpamayo_jax.inference.inference_config import InferenceConfig  # noqa: E402
 from alpamayo_jax.inference.pipeline import Pipeline, sample_trajectories  # noqa: E402
 from alpamayo_jax.models.alpamayo import AlpamayoR1  # noqa: E402
+from alpamayo_jax.nn.attention import causal_attention, fused_attention, use_fused_attention  # noqa: E402
 from alpamayo_jax.nn.variables import Buffer  # noqa: E402
 from alpamayo_jax.processing.chat_template import load_chat_template  # noqa: E402
 from alpamayo_jax.processing.prompt import encode_prompt  # noqa: E402
@@ -295,6 +299,13 @@ def run_jax(args, config_dict: dict, backbone: dict, processor_dir: Path, clip, 
               "bytes_after_build": None if after_build is None else after_build.get("bytes_in_use")}
     print(f"alpamayo-jax on {report['device']}: {_count(parameters)} parameters ({args.dtype}) built in "
           f"{build_seconds:.1f} s, {report['prompt_tokens']}-token prompt", flush=True)
+    report["attention"] = attention = attention_kernels(config, dtype, report["prompt_tokens"], args.seed)
+    if attention["kernel"] == "cudnn":
+        print(f"  prefill attention: cuDNN {attention['cudnn_s'] * 1e3:.2f} ms, "
+              f"XLA {attention['xla_s'] * 1e3:.2f} ms, "
+              f"largest difference {attention['max_difference']:.2e} of the largest output", flush=True)
+    else:
+        print("  prefill attention: XLA (cuDNN's fused kernel needs a GPU and 16-bit floats)", flush=True)
     for num_samples in args.samples:
         settings = InferenceConfig.from_model(config, num_samples=num_samples,
                                               max_new_tokens=args.max_new_tokens,
@@ -308,6 +319,38 @@ def run_jax(args, config_dict: dict, backbone: dict, processor_dir: Path, clip, 
             "first_call": first["end_to_end"],
             "peak_bytes": None if memory is None else memory.get("peak_bytes_in_use")}
         save(report)
+    return report
+
+
+def attention_kernels(config: AlpamayoConfig, dtype, num_tokens: int, seed: int) -> dict:
+    """The prefill's causal attention at the language model's head shape and the prompt's length:
+    which kernel `causal_attention` uses here, and, where that is cuDNN's, its largest difference
+    from XLA's (`fused_attention(implementation="xla")`) relative to the largest output, and the
+    time of each (median of 5 calls)."""
+    text = config.text
+    keys = jax.random.split(jax.random.key(seed), 3)
+    q = jax.random.normal(keys[0], (1, num_tokens, text.num_attention_heads, text.head_dim), dtype)
+    k, v = (jax.random.normal(key, (1, text.num_key_value_heads, num_tokens, text.head_dim), dtype)
+            for key in keys[1:])
+    key_mask = jnp.ones((1, num_tokens), bool)
+    report = {"kernel": "cudnn" if use_fused_attention(q) else "xla", "tokens": num_tokens}
+    if report["kernel"] == "xla":
+        return report
+
+    def timed(fn) -> tuple[jax.Array, float]:
+        out = jax.block_until_ready(fn(q, k, v))
+        seconds = []
+        for _ in range(5):
+            start = time.perf_counter()
+            jax.block_until_ready(fn(q, k, v))
+            seconds.append(time.perf_counter() - start)
+        return out, statistics.median(seconds)
+
+    fused, report["cudnn_s"] = timed(jax.jit(lambda q, k, v: causal_attention(q, k, v, key_mask)))
+    xla, report["xla_s"] = timed(jax.jit(lambda q, k, v: fused_attention(
+        q, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), key_mask, causal=True, implementation="xla")))
+    difference = jnp.abs(fused.astype(jnp.float32) - xla.astype(jnp.float32)).max()
+    report["max_difference"] = float(difference / jnp.abs(xla.astype(jnp.float32)).max())
     return report
 
 

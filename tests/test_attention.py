@@ -1,6 +1,8 @@
 """The attention cores of `alpamayo_jax.nn.attention` against one another: `causal_attention`
 (blocks of queries over the keys up to each block's end) equals `block_attention` over the whole
-causal mask, left padding included. float32, highest matmul precision (conftest)."""
+causal mask, left padding included; the cuDNN form (`fused_attention`: boolean key mask, causal
+flag) computes the same through XLA; which kernel runs where. float32, highest matmul precision
+(conftest). cuDNN's kernel itself needs a GPU: bench/gpu.py compares it with XLA there."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from flax import nnx
 
 from alpamayo_jax.config import tiny
 from alpamayo_jax.nn.attention import (
+    ATTENTION_ENV_VAR,
     MAX_QUERY_BLOCKS,
     QUERY_BLOCK,
     Attention,
@@ -20,6 +23,9 @@ from alpamayo_jax.nn.attention import (
     block_attention,
     causal_attention,
     causal_mask,
+    fused_attention,
+    fused_attention_takes,
+    use_fused_attention,
 )
 from tests.parity import assert_close
 
@@ -51,3 +57,45 @@ def test_causal_mask_takes_no_prefix_or_cache():
     prefix = jnp.zeros((1, tiny().text.num_key_value_heads, 4, head_dim))
     with pytest.raises(ValueError, match="CausalMask"):
         attention(x, cos, sin, CausalMask(jnp.ones((1, 3), bool)), (prefix, prefix))
+
+
+def random_qkv(seed: int, num_tokens: int):
+    keys = jax.random.split(jax.random.key(seed), 3)
+    return (jax.random.normal(keys[0], (2, num_tokens, 4, 16)),  # B, T, N, H
+            jax.random.normal(keys[1], (2, num_tokens, 2, 16)),  # B, S, K, H: jax.nn's layout
+            jax.random.normal(keys[2], (2, num_tokens, 2, 16)))
+
+
+def test_fused_form_equals_the_xla_cores():
+    """What cuDNN would get (boolean key mask, causal flag, keys in (B, S, K, H)) computes, through
+    XLA, what `causal_attention` and `block_attention` compute, zeros for unattending queries."""
+    q, k, v = random_qkv(3, 70)
+    key_mask = jnp.ones((2, 70), bool).at[1, :5].set(False)
+    causal = fused_attention(q, k, v, key_mask, causal=True, implementation="xla")
+    expected = causal_attention(q, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), key_mask)
+    assert_close(causal, expected, rel=1e-6, name="fused form, causal with left padding")
+    np.testing.assert_array_equal(np.asarray(causal[1, :5]), 0)
+    plain = fused_attention(q, k, v, implementation="xla")
+    expected = block_attention(q, [(jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), None)])
+    assert_close(plain, expected, rel=1e-6, name="fused form, no mask")
+    nothing = fused_attention(q, k, v, jnp.zeros((2, 70), bool), implementation="xla")
+    np.testing.assert_array_equal(np.asarray(nothing), 0)
+
+
+def test_which_kernel_runs_where(monkeypatch):
+    assert fused_attention_takes("gpu", jnp.bfloat16, 128) and fused_attention_takes("gpu", jnp.float16, 72)
+    assert not fused_attention_takes("gpu", jnp.float32, 128)  # float32 stays with XLA
+    assert not fused_attention_takes("gpu", jnp.bfloat16, 100)  # not a multiple of 8
+    assert not fused_attention_takes("gpu", jnp.bfloat16, 256)
+    assert not fused_attention_takes("cpu", jnp.bfloat16, 128)
+    q = jnp.zeros((1, 4, 2, 16), jnp.bfloat16)
+    monkeypatch.delenv(ATTENTION_ENV_VAR, raising=False)
+    assert not use_fused_attention(q)  # CPU: XLA
+    monkeypatch.setenv(ATTENTION_ENV_VAR, "xla")
+    assert not use_fused_attention(q)
+    monkeypatch.setenv(ATTENTION_ENV_VAR, "cudnn")
+    with pytest.raises(ValueError, match="needs a GPU"):
+        use_fused_attention(q)
+    monkeypatch.setenv(ATTENTION_ENV_VAR, "flash")
+    with pytest.raises(ValueError, match="expected one of"):
+        use_fused_attention(q)

@@ -6,6 +6,7 @@ K key/value heads, H head_dim.
 
 from __future__ import annotations
 
+import os
 from typing import NamedTuple
 
 import jax
@@ -65,25 +66,77 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Arr
     T = 1116 (16 heads of 64) on one CPU thread: 87 ms against 215 ms for one block. Each row
     is `block_attention`'s arithmetic over its visible keys.
 
+    On a GPU with 16-bit inputs, cuDNN's fused causal kernel instead (`use_fused_attention`).
+
     q (B, T, N, H); k, v (B, K, T, H); key_mask (B, T) bool. Returns (B, T, N, H)."""
+    if use_fused_attention(q):
+        return fused_attention(q, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), key_mask, causal=True)
     num_tokens = q.shape[1]
     num_blocks = min(-(-num_tokens // QUERY_BLOCK), MAX_QUERY_BLOCKS)
     size = -(-num_tokens // num_blocks)
     outputs = []
     for start in range(0, num_tokens, size):
         stop = min(start + size, num_tokens)
-        visible = (jnp.arange(stop)[None, :] <= jnp.arange(start, stop)[:, None])[None] & key_mask[:, None, :stop]
+        causal = jnp.arange(stop)[None, :] <= jnp.arange(start, stop)[:, None]  # (block, stop)
+        visible = causal[None] & key_mask[:, None, :stop]
         outputs.append(block_attention(q[:, start:stop], [(k[:, :, :stop], v[:, :, :stop],
                                                             bias_from_mask(visible)[:, None])]))
     return jnp.concatenate(outputs, axis=1)
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None) -> jax.Array:
-    """softmax(q k^T / sqrt(H) + bias) v with GQA (`block_attention` over one block of keys).
+    """softmax(q k^T / sqrt(H) + bias) v with GQA (`block_attention` over one block of keys;
+    without a bias, cuDNN's fused kernel where `use_fused_attention` says so).
 
     q (B, T, N, H); k, v (B, S, K, H); bias broadcastable to (B, N, T, S). Returns (B, T, N, H).
     """
+    if bias is None and use_fused_attention(q):
+        return fused_attention(q, k, v)
     return block_attention(q, [(jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), bias)])
+
+
+# Which kernel the attention of long sequences uses: "auto" (cuDNN's fused kernel where it takes
+# the inputs, else XLA), "xla" or "cudnn" (an error where cuDNN does not take them). Read when a
+# program is traced: set it before the first call.
+ATTENTION_ENV_VAR = "ALPAMAYO_JAX_ATTENTION"
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+
+
+def fused_attention_takes(backend: str, dtype, head_dim: int) -> bool:
+    """Whether cuDNN's fused attention kernel takes these inputs: a GPU, 16-bit floats, head_dim
+    a multiple of 8 up to 128."""
+    return (backend == "gpu" and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+            and head_dim % 8 == 0 and head_dim <= 128)
+
+
+def use_fused_attention(q: jax.Array) -> bool:
+    """Whether attention of the queries q (B, T, N, H) goes to cuDNN (`ATTENTION_ENV_VAR`)."""
+    choice = os.environ.get(ATTENTION_ENV_VAR, "auto")
+    if choice not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(f"{ATTENTION_ENV_VAR}={choice!r}: expected one of {ATTENTION_IMPLEMENTATIONS}")
+    takes = fused_attention_takes(jax.default_backend(), q.dtype, q.shape[-1])
+    if choice == "cudnn" and not takes:
+        raise ValueError(f"{ATTENTION_ENV_VAR}=cudnn, but cuDNN's fused attention takes no {q.dtype} queries "
+                         f"of head_dim {q.shape[-1]} on the {jax.default_backend()} backend "
+                         "(it needs a GPU, bfloat16 or float16, head_dim a multiple of 8 up to 128)")
+    return choice == "cudnn" or (choice == "auto" and takes)
+
+
+def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array | None = None, *,
+                    causal: bool = False, implementation: str = "cudnn") -> jax.Array:
+    """Attention through `jax.nn.dot_product_attention` in the form cuDNN's fused kernel takes:
+    a boolean key mask and the causal flag instead of a float bias. A query that sees no key
+    gets zeros, as in `block_attention`. (`implementation="xla"` computes the same on any
+    backend; the tests compare it with the other cores.)
+
+    q (B, T, N, H); k, v (B, S, K, H); key_mask (B, S) bool or None. Returns (B, T, N, H)."""
+    mask = None if key_mask is None else key_mask[:, None, None, :]
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, implementation=implementation)
+    if key_mask is None:
+        return out
+    # With the causal flag, query t sees a key iff one of keys 0..t is unmasked (T == S).
+    attends = jnp.cumsum(key_mask, axis=1) > 0 if causal else jnp.any(key_mask, axis=1, keepdims=True)
+    return jnp.where(attends[:, :, None, None], out, jnp.zeros((), out.dtype))
 
 
 def prefix_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None, prefix_k: jax.Array,
@@ -169,7 +222,7 @@ class Attention(nnx.Module):
         x: jax.Array,  # (B, T, D)
         cos: jax.Array,  # (B, T, H)
         sin: jax.Array,  # (B, T, H)
-        bias: jax.Array | CausalMask | None,  # broadcastable to (B, N, T, S + T); with `cache`, to (B, N, T, S)
+        bias: jax.Array | CausalMask | None,  # (B, N, T, S + T)-broadcastable; with `cache`, (B, N, T, S)
         prefix_kv: KV | None = None,
         cache: CacheWrite | None = None,
     ) -> tuple[jax.Array, KV]:
