@@ -74,7 +74,8 @@ class KVCache:
         """The cache after T new tokens were written at `length` into `k`, `v` (L, B, K, S, H)
         (as a cached `TextDecoder` forward does): their slots marked by `mask_new` (B, T) bool,
         `length` advanced by T."""
-        return KVCache(k=k, v=v, mask=self._marked(mask_new), length=self.length + mask_new.shape[1]).constrained()
+        length = self.length + mask_new.shape[1]
+        return KVCache(k=k, v=v, mask=self._marked(mask_new), length=length).constrained()
 
     def append(self, k_new: jax.Array, v_new: jax.Array, mask_new: jax.Array | None = None) -> KVCache:
         """Writes (L, B, K, T, H) new keys/values at `length` and advances it by T; `mask_new`
