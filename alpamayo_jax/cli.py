@@ -433,7 +433,12 @@ def _verify(args: argparse.Namespace) -> int:
     one fine-tuning forward/backward through NVIDIA's training code and ours; non-zero exit above
     tolerance (2 when the reference cannot run)."""
     if args.stage in ("1", "2"):
+        if args.dtype != "float32":
+            print("alpamayo-jax verify: error: --dtype bfloat16 compares inference, not --stage 1|2", file=sys.stderr)
+            return 2
         return _verify_training(args)
+    if args.dtype == "bfloat16":
+        return _verify_bfloat16(args)
     if args.hf_dir is None:
         print("alpamayo-jax verify: error: --hf-dir is required (the source checkpoint directory)", file=sys.stderr)
         return 2
@@ -450,6 +455,29 @@ def _verify(args: argparse.Namespace) -> int:
         args.json.write_text(report_json(errors) + "\n")
     failed = [e.stage for e in errors if not e.ok]
     print("verification " + ("FAILED: " + ", ".join(failed) if failed else "passed"))
+    return 1 if failed else 0
+
+
+def _verify_bfloat16(args: argparse.Namespace) -> int:
+    """`verify --dtype bfloat16`: alpamayo-jax in bfloat16 and in float32 against the reference's
+    bfloat16 autocast run of a Hugging Face checkpoint; fails where bfloat16 is further from it
+    than float32 (bfloat16 is meant to reproduce the autocast run's arithmetic)."""
+    import dataclasses
+    import json
+
+    try:
+        from alpamayo_reference.verify_bfloat16 import format_precision_report, verify_bfloat16
+    except ImportError as error:
+        print(f"alpamayo-jax verify needs the PyTorch reference (pip install -e '.[test]'): {error}",
+              file=sys.stderr)
+        return 2
+    table = verify_bfloat16(args.hf_dir or args.model, processor_dir=args.processor_dir, seed=args.seed)
+    print(format_precision_report(table))
+    if args.json:
+        args.json.write_text(json.dumps([dataclasses.asdict(row) for row in table], indent=2) + "\n")
+    failed = [f"{row.stage} ({row.measure})" for row in table if not row.bfloat16 <= row.float32]
+    print("verification " + ("FAILED, bfloat16 further from the reference than float32: " + ", ".join(failed)
+                             if failed else "passed"))
     return 1 if failed else 0
 
 
@@ -719,6 +747,10 @@ def main(argv: list[str] | None = None) -> int:
     verify.add_argument("--processor-dir", type=_existing_dir,
                         help="backbone config directory if not a preset (required with --stage 1|2)")
     verify.add_argument("--tolerance", type=float, default=1e-4, help="max relative error per stage / tensor")
+    verify.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="inference only. float32 (default): stage by stage within --tolerance; bfloat16: ours "
+                             "in bfloat16 and float32 against the reference's bfloat16 autocast run of a Hugging "
+                             "Face checkpoint (--hf-dir, default --model), failing where bfloat16 is the further")
     verify.add_argument("--seed", type=int, default=0)
     verify.add_argument("--json", type=Path, help="also write the errors as JSON here")
     training = verify.add_argument_group("--stage 1|2")

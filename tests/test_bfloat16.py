@@ -73,3 +73,31 @@ def test_bfloat16_follows_the_reference_closer_than_float32(table):
         assert row.bfloat16 < row.float32 / 2, row
     trajectory = rows[("trajectory xyz", "metres")]
     assert trajectory.bfloat16 < trajectory.float32 / 10, trajectory
+
+
+def test_verify_cli_reports_the_table_and_fails_where_bfloat16_is_further(table, monkeypatch, tmp_path, capsys):
+    """`alpamayo-jax verify --dtype bfloat16` prints this table (the run above, not repeated),
+    writes it as JSON, and fails naming any row where bfloat16 is further from the reference
+    than float32."""
+    import dataclasses
+    import json
+
+    from alpamayo_jax import cli
+    from alpamayo_reference import verify_bfloat16 as module
+
+    calls = []
+    monkeypatch.setattr(module, "verify_bfloat16", lambda *args, **kwargs: calls.append((args, kwargs)) or table)
+    command = ["verify", "--dtype", "bfloat16", "--model", str(FIXTURE / "hf"),
+               "--processor-dir", str(FIXTURE / "vlm"), "--json", str(tmp_path / "table.json")]
+    assert cli.main(command) == 0
+    assert calls == [((FIXTURE / "hf",), {"processor_dir": FIXTURE / "vlm", "seed": 0})]
+    out = capsys.readouterr().out
+    assert format_precision_report(table) in out and out.rstrip().endswith("verification passed")
+    assert json.loads((tmp_path / "table.json").read_text()) == [dataclasses.asdict(row) for row in table]
+
+    worse = [dataclasses.replace(table[0], bfloat16=2 * table[0].float32), *table[1:]]
+    monkeypatch.setattr(module, "verify_bfloat16", lambda *args, **kwargs: worse)
+    assert cli.main(command) == 1
+    assert f"further from the reference than float32: {table[0].stage} ({table[0].measure})" in capsys.readouterr().out
+    assert cli.main(["verify", "--stage", "1", "--dtype", "bfloat16", "--model", str(FIXTURE / "hf")]) == 2
+    assert "--dtype bfloat16 compares inference" in capsys.readouterr().err

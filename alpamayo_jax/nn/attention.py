@@ -55,16 +55,20 @@ class CausalMask(NamedTuple):
 
 
 # Queries per block of `causal_attention`: scores of 64 queries stay in the CPU's caches. A long
-# sequence gets fewer, longer blocks, which bounds the size of the unrolled program.
+# sequence gets fewer, longer blocks, which bounds the size of the unrolled program; one of up to
+# ONE_BLOCK_TOKENS tokens stays one block (blocks would save 2.5 ms per layer at 256 tokens, one
+# thread, for a program to compile several times as large).
 QUERY_BLOCK = 64
 MAX_QUERY_BLOCKS = 16
+ONE_BLOCK_TOKENS = 256
 
 
 def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array) -> jax.Array:
     """Causal self-attention (`CausalMask`) by blocks of queries, each attending only to the keys
     up to its last query: half the products of one (T, T) block, and small score blocks. At
-    T = 1116 (16 heads of 64) on one CPU thread: 87 ms against 215 ms for one block. Each row
-    is `block_attention`'s arithmetic over its visible keys.
+    T = 1116 (16 heads of 64) on one CPU thread: 87 ms against 215 ms for one block. Up to
+    `ONE_BLOCK_TOKENS` tokens, one block. Each row is `block_attention`'s arithmetic over its
+    visible keys.
 
     On a GPU with 16-bit inputs, cuDNN's fused causal kernel instead (`use_fused_attention`).
 
@@ -72,7 +76,7 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Arr
     if use_fused_attention(q):
         return fused_attention(q, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), key_mask, causal=True)
     num_tokens = q.shape[1]
-    num_blocks = min(-(-num_tokens // QUERY_BLOCK), MAX_QUERY_BLOCKS)
+    num_blocks = min(-(-num_tokens // QUERY_BLOCK), MAX_QUERY_BLOCKS) if num_tokens > ONE_BLOCK_TOKENS else 1
     size = -(-num_tokens // num_blocks)
     outputs = []
     for start in range(0, num_tokens, size):
