@@ -31,11 +31,11 @@ from alpamayo_jax.nn.attention import (
 from tests.parity import assert_close
 
 
-# 5: one block; 300: 5 blocks of 60; 1100: more than MAX_QUERY_BLOCKS * 64 tokens, so 16 longer
+# 5: one block; 600: 10 blocks of 60; 1100: more than MAX_QUERY_BLOCKS * 64 tokens, so 16 longer
 # blocks.
-@pytest.mark.parametrize("num_tokens", [5, 300, 1100])
+@pytest.mark.parametrize("num_tokens", [5, 600, 1100])
 def test_causal_attention_equals_one_masked_block(num_tokens):
-    assert 5 <= ONE_BLOCK_TOKENS < 300 and 1100 > MAX_QUERY_BLOCKS * QUERY_BLOCK
+    assert 5 <= ONE_BLOCK_TOKENS < 600 and 1100 > MAX_QUERY_BLOCKS * QUERY_BLOCK
     keys = jax.random.split(jax.random.key(num_tokens), 3)
     q = jax.random.normal(keys[0], (2, num_tokens, 4, 16))  # B, T, N, H: 2 queries per kv head
     k = jax.random.normal(keys[1], (2, 2, num_tokens, 16))  # B, K, T, H

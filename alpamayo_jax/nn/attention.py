@@ -56,11 +56,11 @@ class CausalMask(NamedTuple):
 
 # Queries per block of `causal_attention`: scores of 64 queries stay in the CPU's caches. A long
 # sequence gets fewer, longer blocks, which bounds the size of the unrolled program; one of up to
-# ONE_BLOCK_TOKENS tokens stays one block (blocks would save 2.5 ms per layer at 256 tokens, one
-# thread, for a program to compile several times as large).
+# ONE_BLOCK_TOKENS tokens stays one block (on one thread, 16 heads of 64, blocks save 2.5 ms per
+# layer at 256 tokens and 31 ms at 512, for a program several times as large to compile).
 QUERY_BLOCK = 64
 MAX_QUERY_BLOCKS = 16
-ONE_BLOCK_TOKENS = 256
+ONE_BLOCK_TOKENS = 512
 
 
 def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array) -> jax.Array:
