@@ -23,7 +23,7 @@ from flax import struct
 
 from alpamayo_jax.models.kv_cache import KVCache
 from alpamayo_jax.models.text import DecoderOutput, TextDecoder
-from alpamayo_jax.nn.attention import bias_from_mask
+from alpamayo_jax.nn.attention import bias_from_mask, causal_mask
 
 
 @struct.dataclass
@@ -49,7 +49,7 @@ def expert_attention_bias(visible_prefix: jax.Array, num_tokens: int, *, causal:
     (B, 1, T, S + T), action token k seeing action tokens 0..k only."""
     batch = visible_prefix.shape[0]
     if causal:
-        actions = jnp.broadcast_to(jnp.tril(jnp.ones((num_tokens, num_tokens), bool)), (batch, num_tokens, num_tokens))
+        actions = jnp.broadcast_to(causal_mask(num_tokens), (batch, num_tokens, num_tokens))
         prefix = jnp.broadcast_to(visible_prefix[:, None, :], (batch, num_tokens, visible_prefix.shape[1]))
         return bias_from_mask(jnp.concatenate([prefix, actions], axis=2)[:, None])
     mask = jnp.concatenate([visible_prefix, jnp.ones((batch, num_tokens), bool)], axis=1)

@@ -81,8 +81,7 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Arr
     outputs = []
     for start in range(0, num_tokens, size):
         stop = min(start + size, num_tokens)
-        causal = jnp.arange(stop)[None, :] <= jnp.arange(start, stop)[:, None]  # (block, stop)
-        visible = causal[None] & key_mask[:, None, :stop]
+        visible = causal_mask(stop)[None, start:] & key_mask[:, None, :stop]  # (B, block, stop)
         outputs.append(block_attention(q[:, start:stop], [(k[:, :, :stop], v[:, :, :stop],
                                                             bias_from_mask(visible)[:, None])]))
     return jnp.concatenate(outputs, axis=1)
