@@ -460,8 +460,9 @@ def _verify(args: argparse.Namespace) -> int:
 
 def _verify_bfloat16(args: argparse.Namespace) -> int:
     """`verify --dtype bfloat16`: alpamayo-jax in bfloat16 and in float32 against the reference's
-    bfloat16 autocast run of a Hugging Face checkpoint; fails where bfloat16 is further from it
-    than float32 (bfloat16 is meant to reproduce the autocast run's arithmetic)."""
+    bfloat16 autocast run of a Hugging Face checkpoint (transformers' modules, or with
+    --reference-src NVIDIA's own AlpamayoR1); fails where bfloat16 is further from it than float32
+    (bfloat16 is meant to reproduce the autocast run's arithmetic)."""
     import dataclasses
     import json
 
@@ -471,7 +472,20 @@ def _verify_bfloat16(args: argparse.Namespace) -> int:
         print(f"alpamayo-jax verify needs the PyTorch reference (pip install -e '.[test]'): {error}",
               file=sys.stderr)
         return 2
-    table = verify_bfloat16(args.hf_dir or args.model, processor_dir=args.processor_dir, seed=args.seed)
+    if args.reference_src is not None:  # NVIDIA's own AlpamayoR1 as the reference
+        from alpamayo_reference.verify_training import ReferenceUnavailable, check_reference
+
+        try:
+            check_reference(args.reference_src)
+        except ReferenceUnavailable as error:
+            print(f"alpamayo-jax verify --dtype bfloat16: {error}", file=sys.stderr)
+            return 2
+        if args.processor_dir is None:
+            print("alpamayo-jax verify: error: --reference-src needs --processor-dir (NVIDIA's model loads it)",
+                  file=sys.stderr)
+            return 2
+    table = verify_bfloat16(args.hf_dir or args.model, processor_dir=args.processor_dir, seed=args.seed,
+                            reference_src=args.reference_src)
     print(format_precision_report(table))
     if args.json:
         args.json.write_text(json.dumps([dataclasses.asdict(row) for row in table], indent=2) + "\n")
@@ -756,8 +770,9 @@ def main(argv: list[str] | None = None) -> int:
     training = verify.add_argument_group("--stage 1|2")
     training.add_argument("--examples", type=Path, nargs="+", help="clip .npz files with ground truth, one batch")
     training.add_argument("--reference-src", type=Path,
-                          help="an NVlabs/alpamayo source tree; its Python dependencies (hydra-core, omegaconf, "
-                               "antlr4-python3-runtime, colorlog, torchvision) must be importable")
+                          help="an NVlabs/alpamayo source tree (required with --stage 1|2; with --dtype bfloat16, "
+                               "NVIDIA's AlpamayoR1 becomes the reference); its Python dependencies (hydra-core, "
+                               "omegaconf, antlr4-python3-runtime, colorlog, torchvision) must be importable")
     stage2 = verify.add_argument_group("--stage 2")
     stage2.add_argument("--flow-timesteps", type=Path, help=".npy (B,) flow times, one per example")
     stage2.add_argument("--flow-noise", type=Path, help=".npy (B, waypoints, 2) flow noise")

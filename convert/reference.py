@@ -100,10 +100,17 @@ class TorchAlpamayo(nn.Module):
     def velocity(self, x: torch.Tensor, t: torch.Tensor, cache, position_ids: torch.Tensor,
                  attention_mask: torch.Tensor) -> torch.Tensor:
         """The expert's velocity on a copy of the language model's cache."""
-        embeds = self.action_in_proj(x, t)
-        out = self.expert(inputs_embeds=embeds, position_ids=position_ids, past_key_values=copy.deepcopy(cache),
-                          attention_mask=attention_mask, use_cache=True, is_causal=False)
-        return self.action_out_proj(out.last_hidden_state[:, -x.shape[1]:])
+        return expert_velocity(self, x, t, cache, position_ids, attention_mask)
+
+
+def expert_velocity(model: nn.Module, x: torch.Tensor, t: torch.Tensor, cache, position_ids: torch.Tensor,
+                    attention_mask: torch.Tensor) -> torch.Tensor:
+    """The velocity of a model with `action_in_proj`, `expert` and `action_out_proj` (ours or
+    NVIDIA's `AlpamayoR1`), as the reference's denoising step computes it, on a copy of `cache`."""
+    embeds = model.action_in_proj(x, t)
+    out = model.expert(inputs_embeds=embeds, position_ids=position_ids, past_key_values=copy.deepcopy(cache),
+                       attention_mask=attention_mask, use_cache=True, is_causal=False)
+    return model.action_out_proj(out.last_hidden_state[:, -x.shape[1]:])
 
 
 def to_bfloat16(model: nn.Module) -> nn.Module:

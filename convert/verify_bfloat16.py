@@ -1,10 +1,16 @@
 """bfloat16 inference against the reference's autocast run, on one checkpoint and one input.
 
 The reference runs bfloat16 weights under `torch.autocast(bfloat16)` (SPEC §10). Here the PyTorch
-model (`alpamayo_reference.reference.TorchAlpamayo`, transformers' Qwen3-VL modules) gets
-bfloat16 parameters and runs under CPU autocast with CUDA autocast's LayerNorm rule
+model gets bfloat16 parameters and runs under CPU autocast with CUDA autocast's LayerNorm rule
 (`cuda_autocast`); alpamayo-jax loads the same checkpoint with `dtype=bfloat16`
-(`alpamayo_jax.nn.precision`). Both take `verify.synthetic_inputs`' prompt and:
+(`alpamayo_jax.nn.precision`). The PyTorch model is either `alpamayo_reference.reference.TorchAlpamayo`
+(transformers' Qwen3-VL modules and a restated action input projection; needs nothing but
+transformers), or, given an NVlabs/alpamayo source tree (`reference_src`), NVIDIA's own
+`AlpamayoR1` loaded by its `from_pretrained(dtype=bfloat16)`, with its action projections, its
+flow-matching sampler (the noise injected) and its modules' dtypes as it leaves them
+(`nvidia_reference`). `reference_run` records either's outputs; `precision_tables` compares one
+run of ours with several reference runs (a live one and one recorded with NVIDIA's code, in the
+tests). Both sides take `verify.synthetic_inputs`' prompt and:
 
 * the vision tokens and the prefill's last-position logits;
 * `decode_steps` decoding steps, teacher-forced with the reference's greedy tokens, each step's
@@ -23,6 +29,8 @@ scale against which the bfloat16 rows are read.
 from __future__ import annotations
 
 import copy
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,13 +38,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
-from alpamayo_reference.reference import TorchAlpamayo, cuda_autocast, to_bfloat16
+from alpamayo_reference.reference import TorchAlpamayo, cuda_autocast, expert_velocity, to_bfloat16
 from alpamayo_reference.verify import synthetic_inputs
 
 from alpamayo_jax.action.unicycle import action_to_traj
 from alpamayo_jax.inference.flow_matching import euler_sample, time_grid
 from alpamayo_jax.io.hf import read_hf_config
-from alpamayo_jax.io.load import load_model
+from alpamayo_jax.io.load import load_config, load_model
 from alpamayo_jax.models.expert import expert_context
 from alpamayo_jax.processing.synthetic import arc_history
 
@@ -72,7 +80,69 @@ def kl_divergence(ours, theirs) -> float:
     return float(np.max((np.exp(p_log) * (p_log - q_log)).sum(axis=-1)))
 
 
-def _reference_run(reference: TorchAlpamayo, ids, pixels, grid, positions, deltas, decode_steps, noise):
+def restated_euler(velocity: Callable, noise: torch.Tensor, num_steps: int = 10) -> torch.Tensor:
+    """The reference's Euler loop restated (for `TorchAlpamayo`): float32 steps of the
+    `linspace(0, 1)` grid, each velocity at its step's start time, of shape (1,)."""
+    grid_times, x = time_grid(num_steps), noise
+    for t, t_next in zip(grid_times[:-1], grid_times[1:], strict=True):
+        v = velocity(x, torch.tensor([float(t)]))
+        x = x + torch.tensor(t_next - t).view(1, 1, 1) * v  # the reference's float32 (B, 1, 1) step
+    return x
+
+
+class NvidiaReference(torch.nn.Module):
+    """NVIDIA's `AlpamayoR1` behind `TorchAlpamayo`'s interface: `vlm`, `velocity` (its denoising
+    step's arithmetic) and `euler` (its own `FlowMatching.sample`, the initial noise injected)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+        self.vlm = model.vlm
+
+    def velocity(self, x, t, cache, position_ids, attention_mask):
+        return expert_velocity(self.model, x, t, cache, position_ids, attention_mask)
+
+    def euler(self, velocity: Callable, noise: torch.Tensor, num_steps: int = 10) -> torch.Tensor:
+        from alpamayo_reference.verify_training import _TorchProxy
+
+        diffusion = self.model.diffusion
+        module = sys.modules[type(diffusion).__module__]
+        draws = []
+
+        def randn(*size, **kwargs):
+            draws.append(size)
+            if tuple(size) != tuple(noise.shape):
+                raise ValueError(f"the reference drew noise of shape {size}, {tuple(noise.shape)} given")
+            return noise.clone()
+
+        module.torch = _TorchProxy(torch, {"randn": randn})
+        try:
+            actions = diffusion.sample(batch_size=noise.shape[0], step_fn=lambda x, t: velocity(x, t),
+                                       inference_step=num_steps, int_method="euler")
+        finally:
+            module.torch = torch
+        if len(draws) != 1:
+            raise RuntimeError(f"expected one noise draw in the reference's sampler, got {len(draws)}")
+        return actions
+
+
+def nvidia_reference(reference_src: str | Path, hf_dir: str | Path, processor_dir: str | Path) -> NvidiaReference:
+    """NVIDIA's `AlpamayoR1` from the checkpoint, as its inference loads it in bfloat16:
+    `from_pretrained(dtype=bfloat16)`, which also moves the action modules to the expert's dtype
+    (`keep_same_dtype`) and leaves the rotary inverse frequencies in float32."""
+    from alpamayo_reference.verify_training import _open_reference, _reference_config
+
+    _, hf_dir, notes = _open_reference(reference_src, hf_dir)
+    from alpamayo_r1.config import AlpamayoR1Config
+    from alpamayo_r1.models.alpamayo_r1 import AlpamayoR1
+
+    config = _reference_config(hf_dir, Path(processor_dir), notes)
+    config["model_dtype"] = "bfloat16"
+    model = AlpamayoR1.from_pretrained(str(hf_dir), config=AlpamayoR1Config(**config), dtype=torch.bfloat16)
+    return NvidiaReference(model.eval())
+
+
+def _reference_run(reference, ids, pixels, grid, positions, deltas, decode_steps, noise):
     """The reference's outputs for every compared stage, under `cuda_autocast`."""
     out = {}
     with torch.no_grad(), cuda_autocast(reference):
@@ -91,22 +161,44 @@ def _reference_run(reference: TorchAlpamayo, ids, pixels, grid, positions, delta
             logits.append(step_out.logits[:, -1].float())
             cache = step_out.past_key_values
         out["logits"] = torch.stack(logits, dim=1)  # (1, 1 + steps, V)
-        out["tokens"] = tokens
+        out["tokens"] = torch.tensor(tokens)
 
         waypoints = noise.shape[1]
         expert_positions = torch.arange(waypoints) + length + int(deltas[0, 0])
         expert_positions = expert_positions.expand(3, 1, waypoints).long()
         mask = torch.zeros((1, 1, waypoints, length + waypoints))
-        velocity = [reference.velocity(torch.from_numpy(noise), torch.tensor([t]), prefill_cache, expert_positions,
-                                       mask).float() for t in FLOW_TIMES]
-        out["velocity"] = torch.stack(velocity)
-        grid_times = time_grid(10)
-        x = torch.from_numpy(noise)
-        for t, t_next in zip(grid_times[:-1], grid_times[1:], strict=True):
-            v = reference.velocity(x, torch.tensor([float(t)]), prefill_cache, expert_positions, mask)
-            x = x + torch.tensor(t_next - t).view(1, 1, 1) * v  # the reference's float32 (B, 1, 1) step
-        out["actions"] = x
-    return {name: value if name == "tokens" else value.float().numpy() for name, value in out.items()}
+
+        def velocity(x, t):
+            return reference.velocity(x, t, prefill_cache, expert_positions, mask)
+
+        out["velocity"] = torch.stack([velocity(torch.from_numpy(noise), torch.tensor([t])).float()
+                                       for t in FLOW_TIMES])
+        euler = getattr(reference, "euler", restated_euler)
+        out["actions"] = euler(velocity, torch.from_numpy(noise))
+    return {name: value.numpy() if name == "tokens" else value.float().numpy() for name, value in out.items()}
+
+
+def reference_run(hf_dir: str | Path, *, processor_dir: str | Path | None = None, reference_src=None, seed: int = 0,
+                  image_size: tuple[int, int] = (64, 96), decode_steps: int = 8) -> dict[str, np.ndarray]:
+    """The reference's bfloat16 autocast outputs on the checkpoint and the synthetic input of
+    `seed`: "vision", "logits" (1, 1 + decode_steps, V), "tokens" (its greedy tokens), "velocity"
+    (one per `FLOW_TIMES`), "actions" (after 10 Euler steps), all float32 but the tokens.
+    `TorchAlpamayo`, or NVIDIA's `AlpamayoR1` with `reference_src` (`processor_dir` required)."""
+    hf_dir = Path(hf_dir)
+    _, config_dict, backbone = read_hf_config(hf_dir, processor_dir)
+    if reference_src is None:
+        reference = to_bfloat16(TorchAlpamayo.from_checkpoint(hf_dir, config_dict, backbone))
+    else:
+        if processor_dir is None:
+            raise ValueError("NVIDIA's reference loads the processor directory: pass processor_dir")
+        reference = nvidia_reference(reference_src, hf_dir, processor_dir)
+    config = load_config(hf_dir, processor_dir=processor_dir)
+    ids, pixels, grid, positions, deltas = synthetic_inputs(config, seed, image_size)
+    return _reference_run(reference, ids, pixels, grid, positions, deltas, decode_steps, _noise(config, seed))
+
+
+def _noise(config, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed + 1).normal(size=(1, config.n_waypoints, 2)).astype(np.float32)
 
 
 def _jax_run(model, ids, pixels, grid, positions, deltas, tokens, noise):
@@ -130,28 +222,47 @@ def _jax_run(model, ids, pixels, grid, positions, deltas, tokens, noise):
     return {name: np.asarray(value, np.float32) for name, value in out.items()}
 
 
-def verify_bfloat16(hf_dir: str | Path, *, processor_dir: str | Path | None = None, seed: int = 0,
-                    image_size: tuple[int, int] = (64, 96), decode_steps: int = 8) -> list[PrecisionRow]:
-    """alpamayo-jax in bfloat16 and in float32 against the reference's bfloat16 autocast run on a
-    Hugging Face checkpoint directory; returns one row per compared quantity."""
+def precision_tables(hf_dir: str | Path, references: dict[str, dict[str, np.ndarray]], *,
+                     processor_dir: str | Path | None = None, seed: int = 0, image_size: tuple[int, int] = (64, 96)
+                     ) -> dict[str, list[PrecisionRow]]:
+    """alpamayo-jax in bfloat16 and in float32, run once, against each of `references` (name ->
+    a `reference_run` of the same checkpoint, seed and image size, live or recorded); one row per
+    compared quantity and reference. The references must have decoded the same greedy tokens (ours
+    are teacher-forced with them)."""
     jax.config.update("jax_default_matmul_precision", "highest")
-    hf_dir = Path(hf_dir)
-    _, config_dict, backbone = read_hf_config(hf_dir, processor_dir)
-    reference = to_bfloat16(TorchAlpamayo.from_checkpoint(hf_dir, config_dict, backbone))
-    models = {dtype: load_model(hf_dir, dtype=dtype, processor_dir=processor_dir)
+    runs = list(references.values())
+    tokens = [run["tokens"].tolist() for run in runs]
+    if any(t != tokens[0] for t in tokens):
+        raise ValueError(f"the references decoded different greedy tokens: {dict(zip(references, tokens))}")
+    models = {dtype: load_model(Path(hf_dir), dtype=dtype, processor_dir=processor_dir)
               for dtype in (jnp.bfloat16, jnp.float32)}
     config = models[jnp.float32][1]
-
     ids, pixels, grid, positions, deltas = synthetic_inputs(config, seed, image_size)
-    noise = np.random.default_rng(seed + 1).normal(size=(1, config.n_waypoints, 2)).astype(np.float32)
-    theirs = _reference_run(reference, ids, pixels, grid, positions, deltas, decode_steps, noise)
-    ours = {dtype: _jax_run(model, ids, pixels, grid, positions, deltas, theirs["tokens"], noise)
+    noise = _noise(config, seed)
+    ours = {dtype: _jax_run(model, ids, pixels, grid, positions, deltas, tokens[0], noise)
             for dtype, (model, _) in models.items()}
-
-    hist_xyz, hist_rot = arc_history(8.0, 0.01)
     stats = models[jnp.float32][0].action_space.stats()
+    return {name: _rows(theirs, ours[jnp.bfloat16], ours[jnp.float32], config, stats)
+            for name, theirs in references.items()}
 
-    def trajectory(actions):
+
+def verify_bfloat16(hf_dir: str | Path, *, processor_dir: str | Path | None = None, reference_src=None,
+                    seed: int = 0, image_size: tuple[int, int] = (64, 96), decode_steps: int = 8
+                    ) -> list[PrecisionRow]:
+    """alpamayo-jax in bfloat16 and in float32 against the reference's bfloat16 autocast run on a
+    Hugging Face checkpoint directory (`TorchAlpamayo`, or NVIDIA's `AlpamayoR1` with
+    `reference_src`); returns one row per compared quantity."""
+    theirs = reference_run(hf_dir, processor_dir=processor_dir, reference_src=reference_src, seed=seed,
+                           image_size=image_size, decode_steps=decode_steps)
+    return precision_tables(hf_dir, {"reference": theirs}, processor_dir=processor_dir, seed=seed,
+                            image_size=image_size)["reference"]
+
+
+def _rows(theirs, bfloat16_run, float32_run, config, stats) -> list[PrecisionRow]:
+    hist_xyz, hist_rot = arc_history(8.0, 0.01)
+    decode_steps = theirs["logits"].shape[1] - 1
+
+    def trajectory(actions):  # the float32 rollout for every side: the actions are what differ
         xyz, _ = action_to_traj(jnp.asarray(actions), jnp.asarray(hist_xyz)[None], jnp.asarray(hist_rot)[None],
                                 config.action_space, stats)
         return np.asarray(xyz, np.float64)
@@ -173,7 +284,7 @@ def verify_bfloat16(hf_dir: str | Path, *, processor_dir: str | Path | None = No
         out[("trajectory xyz", "metres")] = float(np.max(np.abs(trajectory(run["actions"]) - reference_xyz)))
         return out
 
-    bfloat16, float32 = errors(ours[jnp.bfloat16]), errors(ours[jnp.float32])
+    bfloat16, float32 = errors(bfloat16_run), errors(float32_run)
     return [PrecisionRow(stage, measure, bfloat16[stage, measure], float32[stage, measure])
             for stage, measure in bfloat16]
 
