@@ -8,6 +8,7 @@ float32, highest matmul precision (conftest). Tolerances: step logits 1e-4 relat
 from __future__ import annotations
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -248,6 +249,33 @@ def test_decode_writes_the_cache_in_place(tiny_split, main_run):
     assert compiled.count(shape) > 0, "the cache's shape is not in the program"
     copies = [line.strip() for line in compiled.splitlines() if shape in line and " copy(" in line]
     assert copies == [], copies
+
+
+def while_bodies(hlo: str) -> list[str]:
+    """The lines of every computation of an optimised HLO module that is a while loop's body."""
+    names = set(re.findall(r"body=%?([\w.-]+)", hlo))
+    computations = re.split(r"\n(?=\S)", hlo)  # each starts at column 0
+    return [line for computation in computations if computation.split(" ", 1)[0].lstrip("%") in names
+            for line in computation.splitlines()[1:]]
+
+
+def test_flow_steps_copy_no_cache_layer(tiny_split, main_run):
+    """The Euler steps read each layer's cached keys and values where they are
+    (`ExpertContext.per_layer`): nothing inside the loop slices a layer out of the stacked cache,
+    as every step did before (a copy of the keys and of the values per layer and step)."""
+    from alpamayo_jax.inference.pipeline import denoise
+
+    compiled = denoise.lower(tiny_split, main_run, jax.random.key(0), None, num_steps=10).compile().as_text()
+    body = while_bodies(compiled)
+    assert body, "the Euler steps are no while loop"
+    layer_size = int(np.prod(main_run.cache.k.shape[1:]))  # B * K * S * H, in any shape (B = 1 is dropped)
+
+    def size(line):
+        match = re.match(r"\s*\S+ = f32\[([\d,]*)\]", line)
+        return match and int(np.prod([int(d) for d in match.group(1).split(",") if d]))
+
+    slices = [line.strip() for line in body if re.match(r"\s*%?\S*slice", line) and size(line) == layer_size]
+    assert slices == [], slices
 
 
 def test_decode_compiles_once(tiny_split, fixture_inputs, main_run):

@@ -140,7 +140,7 @@ def _denoise_fn(model: AlpamayoR1, result: GenerationResult, key: jax.Array, noi
     if noise is None:
         noise = _draw_noise(key, result.tokens.shape[0], waypoints)
     noise = constrain(noise, ("batch", None, None), name="flow noise")
-    context = result.expert_context(waypoints)
+    context = result.expert_context(waypoints).per_layer()
     return euler_sample(lambda x, t: model.action_velocity(x, t, context), noise, num_steps).actions
 
 

@@ -57,7 +57,7 @@ class TextDecoder(nnx.Module):
         inputs_embeds: jax.Array,  # (B, T, D)
         position_ids: jax.Array,  # (3, B, T) MRoPE (t, h, w) positions
         bias: jax.Array | CausalMask | None,  # (B, N, T, S + T)-broadcastable; (B, N, T, S) with cache
-        prefix_kv: tuple[jax.Array, jax.Array] | None = None,  # (L, B, K, S, H) each, read only
+        prefix_kv: tuple | None = None,  # keys, values: (L, B, K, S, H) or L of (B, K, S, H) each; read only
         deepstack_embeds: jax.Array | None = None,  # (J, B, T, D), added after layers 0..J-1
         return_layer_outputs: bool = False,
         remat: bool = False,
