@@ -117,7 +117,7 @@ class NvidiaReference(torch.nn.Module):
 
         module.torch = _TorchProxy(torch, {"randn": randn})
         try:
-            actions = diffusion.sample(batch_size=noise.shape[0], step_fn=lambda x, t: velocity(x, t),
+            actions = diffusion.sample(batch_size=noise.shape[0], step_fn=velocity,
                                        inference_step=num_steps, int_method="euler")
         finally:
             module.torch = torch
@@ -161,7 +161,7 @@ def _reference_run(reference, ids, pixels, grid, positions, deltas, decode_steps
             logits.append(step_out.logits[:, -1].float())
             cache = step_out.past_key_values
         out["logits"] = torch.stack(logits, dim=1)  # (1, 1 + steps, V)
-        out["tokens"] = torch.tensor(tokens)
+        out["tokens"] = torch.tensor(tokens, dtype=torch.long)
 
         waypoints = noise.shape[1]
         expert_positions = torch.arange(waypoints) + length + int(deltas[0, 0])
