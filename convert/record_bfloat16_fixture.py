@@ -18,24 +18,11 @@ and sockets refuse to connect). Run from the repository root:
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import socket
-import subprocess
-import sys
-from importlib import metadata
 from pathlib import Path
 
-os.environ["HF_HUB_OFFLINE"] = "1"
+from alpamayo_reference.recording import reference_commit, refuse_network, write_record
 
-
-def _refuse(*args, **kwargs):
-    raise OSError("network access is disabled while recording the fixture")
-
-
-socket.socket.connect = _refuse  # type: ignore[method-assign]
-socket.create_connection = _refuse  # type: ignore[assignment]
+refuse_network()
 
 import numpy as np  # noqa: E402
 
@@ -47,6 +34,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reference-src", type=Path, required=True, help="an NVlabs/alpamayo source tree")
     parser.add_argument("--out", type=Path, required=True, help="fixture directory (reference.npz, reference.json)")
+    parser.add_argument("--reference-commit", help="NVlabs/alpamayo commit of the reference source "
+                                                   "(default: asked of git where the source is a checkout)")
     args = parser.parse_args()
 
     import torch
@@ -65,21 +54,13 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(args.out / "reference.npz", **first)
 
-    commit = subprocess.run(["git", "-C", str(args.reference_src), "rev-parse", "--short", "HEAD"], check=False,
-                            capture_output=True, text=True)
-    record = {
+    write_record(args.out, {
         "checkpoint": "tests/fixtures/tiny_ar1_dev (hf/, vlm/)",
         "inputs": {"seed": SEED, "image_size": list(IMAGE_SIZE), "decode_steps": DECODE_STEPS},
         "arrays": {name: {"shape": list(value.shape), "dtype": str(value.dtype)} for name, value in first.items()},
-        "versions": {
-            "python": platform.python_version(),
-            **{name: metadata.version(name) for name in ("torch", "transformers", "numpy")},
-            "alpamayo_reference_commit": commit.stdout.strip() or "unknown",
-            "torch_num_threads": torch.get_num_threads(),
-        },
-        "command": "PYTHONPATH=DIR python convert/record_bfloat16_fixture.py " + " ".join(sys.argv[1:]),
-    }
-    (args.out / "reference.json").write_text(json.dumps(record, indent=1) + "\n")
+        "versions": {"torch_num_threads": torch.get_num_threads()},
+    }, packages=("torch", "transformers", "numpy"), commit=args.reference_commit or reference_commit(args.reference_src),
+        command="PYTHONPATH=DIR python convert/record_bfloat16_fixture.py")
     print(f"recorded {len(first)} arrays into {args.out}")
     return 0
 

@@ -18,24 +18,12 @@ sockets refuse to connect). Run from the repository root:
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import socket
-import subprocess
 import sys
-from importlib import metadata
 from pathlib import Path
 
-os.environ["HF_HUB_OFFLINE"] = "1"
+from alpamayo_reference.recording import reference_commit, refuse_network, write_record
 
-
-def _refuse(*args, **kwargs):
-    raise OSError("network access is disabled while recording the fixture")
-
-
-socket.socket.connect = _refuse  # type: ignore[method-assign]
-socket.create_connection = _refuse  # type: ignore[assignment]
+refuse_network()
 
 import numpy as np
 
@@ -89,22 +77,14 @@ def main() -> int:
     np.savez_compressed(args.out / "reference.npz", **arrays)
 
     root = Path(sys.modules["alpamayo_r1"].__path__[0]).parents[1]
-    commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], check=False, capture_output=True,
-                            text=True)
-    record = {
+    write_record(args.out, {
         "samples": chosen,
         "dataset": {"num_clips": NUM_CLIPS, "seed": SEED, "clips_per_chunk": CLIPS_PER_CHUNK,
                     "clip_ids": list(dataset.clip_ids), "chunks": list(dataset.chunks)},
         "keys": list(KEYS),
-        "versions": {
-            "python": platform.python_version(),
-            **{name: metadata.version(name) for name in ("torch", "physical_ai_av", "av", "numpy", "scipy",
-                                                         "pandas", "pyarrow", "einops")},
-            "alpamayo_reference_commit": args.reference_commit or commit.stdout.strip() or "unknown",
-        },
-        "command": "PYTHONPATH=<alpamayo>/src:. python convert/record_dataset_fixture.py " + " ".join(sys.argv[1:]),
-    }
-    (args.out / "reference.json").write_text(json.dumps(record, indent=1) + "\n")
+    }, packages=("torch", "physical_ai_av", "av", "numpy", "scipy", "pandas", "pyarrow", "einops"),
+        commit=args.reference_commit or reference_commit(root),
+        command="PYTHONPATH=<alpamayo>/src:. python convert/record_dataset_fixture.py")
     print(f"recorded {len(chosen)} samples of {NUM_CLIPS} clips into {args.out}")
     return 0
 
