@@ -53,6 +53,30 @@ def configure_threads(threads: int) -> list[int]:
     return cpus
 
 
+# The instruction-set extensions PyTorch's and XLA's CPU kernels choose between.
+CPU_FEATURES = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile", "avx_vnni")
+
+
+def cpu_description() -> dict:
+    """The CPU the figures come from: model name, core count and which of `CPU_FEATURES` it has
+    (ratios against PyTorch depend on them). From /proc/cpuinfo where there is one."""
+    import platform
+
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() in ("flags", "Features"):
+                flags = set(value.split())
+            if model and flags:
+                break
+    except OSError:
+        pass
+    return {"model": model, "cores": os.cpu_count(), "features": [f for f in CPU_FEATURES if f in flags]}
+
+
 def busy_seconds(cpus: list[int]) -> tuple[float, float]:
     """CPU seconds the given CPUs have spent busy since boot (user, nice, system, irq, softirq)
     and stolen by the hypervisor, from the per-CPU lines of /proc/stat."""

@@ -22,6 +22,9 @@ timed alone once per round (the same compiled program, an extra call outside the
 With random weights a row may stop early (it samples `<|traj_future_start|>`): each side's token
 count is reported and decode is compared per token.
 
+The ratios depend on the CPU (the instruction sets PyTorch's and XLA's kernels use): the report
+names its model and features (`common.cpu_description`).
+
 Threads: `--threads k` pins the process to k CPUs before jax and torch start
 (`bench/common.configure_threads`) and sets `torch.set_num_threads(k)`.
 
@@ -75,7 +78,7 @@ from alpamayo_jax.inference.inference_config import InferenceConfig  # noqa: E40
 from alpamayo_jax.inference.pipeline import Pipeline, sample_from_inputs  # noqa: E402
 from alpamayo_jax.processing.prompt import encode_prompt  # noqa: E402
 from alpamayo_jax.processing.synthetic import synthetic_clip  # noqa: E402
-from common import ReferenceStages, write_checkpoint  # noqa: E402
+from common import CPU_FEATURES, ReferenceStages, cpu_description, write_checkpoint  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")  # float32 matmuls, as torch on CPU
 
@@ -173,9 +176,13 @@ def main() -> int:
         "tokens": {side: [run["tokens"] for run in runs[side]] for side in runs},
         "first_call": {"jax": first_jax["total"], "reference": first_reference["total"]},
         "versions": {"jax": jax.__version__, "torch": torch.__version__},
+        "cpu": cpu_description(),
     }
+    cpu = report["cpu"]
     print(f"{args.size}: {parameters / 1e6:.0f} M parameters, {report['prompt_tokens']}-token prompt, "
           f"{args.threads} thread(s) pinned to CPU {PINNED}; tokens generated {report['tokens']}")
+    print(f"CPU: {cpu['model']}, {cpu['cores']} cores; of {', '.join(CPU_FEATURES)} it has "
+          f"{', '.join(cpu['features']) or 'none'}")
     print(f"{'stage':<18}{'alpamayo-jax s':>16}{'reference s':>14}{'speed-up':>10}")
     for stage in [*stages, "decode_per_token"]:
         ours, theirs = report["jax"][stage], report["reference"][stage]
