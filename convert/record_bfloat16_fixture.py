@@ -59,7 +59,8 @@ def main() -> int:
         "inputs": {"seed": SEED, "image_size": list(IMAGE_SIZE), "decode_steps": DECODE_STEPS},
         "arrays": {name: {"shape": list(value.shape), "dtype": str(value.dtype)} for name, value in first.items()},
         "versions": {"torch_num_threads": torch.get_num_threads()},
-    }, packages=("torch", "transformers", "numpy"), commit=args.reference_commit or reference_commit(args.reference_src),
+    }, packages=("torch", "transformers", "numpy"),
+        commit=args.reference_commit or reference_commit(args.reference_src),
         command="PYTHONPATH=DIR python convert/record_bfloat16_fixture.py")
     print(f"recorded {len(first)} arrays into {args.out}")
     return 0

@@ -29,7 +29,6 @@ scale against which the bfloat16 rows are read.
 from __future__ import annotations
 
 import copy
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,10 +102,8 @@ class NvidiaReference(torch.nn.Module):
         return expert_velocity(self.model, x, t, cache, position_ids, attention_mask)
 
     def euler(self, velocity: Callable, noise: torch.Tensor, num_steps: int = 10) -> torch.Tensor:
-        from alpamayo_reference.verify_training import _TorchProxy
+        from alpamayo_reference.verify_training import torch_overrides
 
-        diffusion = self.model.diffusion
-        module = sys.modules[type(diffusion).__module__]
         draws = []
 
         def randn(*size, **kwargs):
@@ -115,12 +112,9 @@ class NvidiaReference(torch.nn.Module):
                 raise ValueError(f"the reference drew noise of shape {size}, {tuple(noise.shape)} given")
             return noise.clone()
 
-        module.torch = _TorchProxy(torch, {"randn": randn})
-        try:
-            actions = diffusion.sample(batch_size=noise.shape[0], step_fn=velocity,
-                                       inference_step=num_steps, int_method="euler")
-        finally:
-            module.torch = torch
+        with torch_overrides(self.model.diffusion, {"randn": randn}):
+            actions = self.model.diffusion.sample(batch_size=noise.shape[0], step_fn=velocity,
+                                                  inference_step=num_steps, int_method="euler")
         if len(draws) != 1:
             raise RuntimeError(f"expected one noise draw in the reference's sampler, got {len(draws)}")
         return actions
@@ -185,8 +179,8 @@ def reference_run(hf_dir: str | Path, *, processor_dir: str | Path | None = None
     (one per `FLOW_TIMES`), "actions" (after 10 Euler steps), all float32 but the tokens.
     `TorchAlpamayo`, or NVIDIA's `AlpamayoR1` with `reference_src` (`processor_dir` required)."""
     hf_dir = Path(hf_dir)
-    _, config_dict, backbone = read_hf_config(hf_dir, processor_dir)
     if reference_src is None:
+        _, config_dict, backbone = read_hf_config(hf_dir, processor_dir)
         reference = to_bfloat16(TorchAlpamayo.from_checkpoint(hf_dir, config_dict, backbone))
     else:
         if processor_dir is None:

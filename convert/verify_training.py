@@ -384,14 +384,27 @@ class _TorchProxy(types.ModuleType):
 
 
 @contextlib.contextmanager
+def torch_overrides(diffusion, overrides: dict):
+    """Within the block, `torch.<name>` for each name of `overrides` is the given function in the
+    module of `diffusion`'s class (NVIDIA's flow matching), every other name torch's own."""
+    import torch
+
+    module = sys.modules[type(diffusion).__module__]
+    if getattr(module, "torch", None) is not torch:
+        raise RuntimeError(f"{module.__name__} does not use torch as a module global: cannot inject the draws")
+    module.torch = _TorchProxy(torch, overrides)
+    try:
+        yield
+    finally:
+        module.torch = torch
+
+
+@contextlib.contextmanager
 def _injected_flow_draws(model, timesteps: np.ndarray, noise: np.ndarray, record: dict, notes: list[str]):
     """Replaces the reference's flow-time and noise draws with the given values (module docstring)."""
     import torch
 
     diffusion = model.diffusion
-    module = sys.modules[type(diffusion).__module__]
-    if getattr(module, "torch", None) is not torch:
-        raise RuntimeError(f"{module.__name__} does not use torch as a module global: cannot inject the draws")
     calls = {"timesteps": 0, "noise": 0}
 
     def randn_like(x, *args, **kwargs):
@@ -432,11 +445,10 @@ def _injected_flow_draws(model, timesteps: np.ndarray, noise: np.ndarray, record
         record["timesteps_injected"] = np.asarray(timesteps, np.float32)
     else:
         raise ValueError(f"unknown reference train_timestep_sampler {sampler!r}")
-    module.torch = _TorchProxy(torch, overrides)
     try:
-        yield
+        with torch_overrides(diffusion, overrides):
+            yield
     finally:
-        module.torch = torch
         if saved_beta is not None:
             diffusion.beta_dist = saved_beta
     if calls != {"timesteps": 1, "noise": 1}:
