@@ -211,7 +211,8 @@ def block_attention(q: jax.Array, blocks: list[tuple[jax.Array, jax.Array, jax.A
         peak = jnp.maximum(peak, part.max(axis=-1, keepdims=True))
     weights = [jnp.exp(part - peak) for part in block_scores]
     total = sum(part.sum(axis=-1, keepdims=True) for part in weights)
-    out = sum(weighted_values(part, values) for part, (_, values, _) in zip(weights, blocks, strict=True)) / total
+    out = sum(weighted_values(part, values) for part, (_, values, _) in zip(weights, blocks, strict=True))
+    out = out / total
     out = jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(batch, num_new, num_heads, head_dim).astype(q.dtype)
     attends = jnp.zeros((), bool)
     for _, _, bias in blocks:
