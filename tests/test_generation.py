@@ -278,6 +278,29 @@ def test_flow_steps_copy_no_cache_layer(tiny_split, main_run):
     assert slices == [], slices
 
 
+def test_decode_steps_copy_no_kernel(tiny_model, tiny_split, fixture_inputs):
+    """The decode loop reads the output projection's kernel where it is: nothing inside the loop
+    copies or transposes an (N, H, D)-sized array, as every step did for each layer when o_proj
+    contracted the heads and head_dim as two axes (`Attention._project_out`)."""
+    config = fixture_config(24)
+    capacity = generation.cache_capacity(fixture_inputs.prompt_length, config.max_new_tokens)
+    cache, logits, deltas, stops = generation.prefill(tiny_split, fixture_inputs, capacity=capacity, num_samples=1,
+                                                      stop_token_id=config.stop_after_token_id)
+    compiled = generation.decode_rollout.lower(tiny_split, cache, logits, deltas, jax.random.key(0), stops,
+                                               config=config).compile().as_text()
+    body = while_bodies(compiled)
+    assert body, "the decode loop is no while loop"
+    kernel_size = tiny_model.vlm.language_model.layers[0].self_attn.o_proj.kernel.size
+
+    def size(line):
+        match = re.match(r"\s*\S+ = f32\[([\d,]*)\]", line)
+        return match and int(np.prod([int(d) for d in match.group(1).split(",") if d]))
+
+    copies = [line.strip()[:160] for line in body
+              if re.match(r"\s*%?\S*(copy|transpose)", line) and size(line) == kernel_size]
+    assert copies == [], copies
+
+
 def test_decode_compiles_once(tiny_split, fixture_inputs, main_run):
     before = generation.decode_rollout._cache_size(), generation.prefill._cache_size()
     again = generate(tiny_split, fixture_inputs, config=fixture_config(24), key=jax.random.key(123))
