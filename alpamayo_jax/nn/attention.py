@@ -238,6 +238,7 @@ class Attention(nnx.Module):
         self.q_proj = proj("btd,dnh->btnh", (d, n, h), ("embed", "heads", "head_dim"))
         self.k_proj = proj("btd,dkh->btkh", (d, k, h), ("embed", "kv_heads", "head_dim"))
         self.v_proj = proj("btd,dkh->btkh", (d, k, h), ("embed", "kv_heads", "head_dim"))
+        # Holds the (N, H, D) kernel; `_project_out` multiplies by it.
         self.o_proj = proj("btnh,nhd->btd", (n, h, d), ("heads", "head_dim", "embed"))
         norm = dict(eps=config.rms_norm_eps, axis_name="head_dim", param_dtype=param_dtype, rngs=rngs)
         self.q_norm = RMSNorm(h, **norm)
