@@ -1,4 +1,5 @@
-"""The attention cores of `alpamayo_jax.nn.attention` against one another: `causal_attention`
+"""The attention cores of `alpamayo_jax.nn.attention`: `block_attention` against the textbook
+softmax (one query and several, grouped heads, a per-head bias); `causal_attention`
 (blocks of queries over the keys up to each block's end) equals `block_attention` over the whole
 causal mask, left padding included; the cuDNN form (`fused_attention`: boolean key mask, causal
 flag) computes the same through XLA; which kernel runs where. float32, highest matmul precision
@@ -49,6 +50,25 @@ def test_causal_attention_equals_one_masked_block(num_tokens):
     assert out.shape == expected.shape == (2, num_tokens, 4, 16)
     assert_close(out, expected, rel=1e-6, name=f"causal attention over {num_tokens} tokens")
     np.testing.assert_array_equal(np.asarray(out[1, :padding]), 0)  # padded queries see nothing
+
+
+@pytest.mark.parametrize("num_new", [1, 5])  # one query (decoding) and several: the two product layouts
+def test_block_attention_equals_one_softmax(num_new):
+    """`block_attention` over two blocks of keys with a per-head bias equals the textbook softmax
+    over the joined keys, for 3 queries per key/value head."""
+    keys = jax.random.split(jax.random.key(num_new), 6)
+    batch, heads, kv_heads, head_dim, prefix = 2, 6, 2, 8, 7
+    q = jax.random.normal(keys[0], (batch, num_new, heads, head_dim))
+    k1, v1 = (jax.random.normal(key, (batch, kv_heads, prefix, head_dim)) for key in keys[1:3])
+    k2, v2 = (jax.random.normal(key, (batch, kv_heads, num_new, head_dim)) for key in keys[3:5])
+    bias = jax.random.normal(keys[5], (batch, heads, num_new, prefix + num_new))
+    out = jax.jit(block_attention)(q, [(k1, v1, bias[..., :prefix]), (k2, v2, bias[..., prefix:])])
+    group = heads // kv_heads
+    k = jnp.repeat(jnp.concatenate([k1, k2], axis=2), group, axis=1)  # (B, N, S + T, H)
+    v = jnp.repeat(jnp.concatenate([v1, v2], axis=2), group, axis=1)
+    weights = jax.nn.softmax(jnp.einsum("btnh,bnsh->bnts", q, k) / head_dim ** 0.5 + bias, axis=-1)
+    expected = jnp.einsum("bnts,bnsh->btnh", weights, v)
+    assert_close(out, expected, rel=1e-6, name=f"block attention of {num_new} queries")
 
 
 def test_causal_mask_takes_no_prefix_or_cache():
