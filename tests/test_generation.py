@@ -301,6 +301,28 @@ def test_decode_steps_copy_no_kernel(tiny_model, tiny_split, fixture_inputs):
     assert copies == [], copies
 
 
+def test_decode_steps_copy_no_cache_layer(tiny_split, main_run):
+    """The decode loop writes into and reads each layer's keys and values where they are
+    (`KVCache.per_layer`): nothing inside the loop copies, slices or transposes a layer-sized
+    array. Carrying the stacked (L, B, K, S, H) cache, every step sliced each layer's keys and
+    values out of it for the products; carrying (B, K, S, H) arrays, XLA copied every write."""
+    cache = main_run.cache
+    compiled = generation.decode_rollout.lower(
+        tiny_split, cache, main_run.logits[:, 0], main_run.rope_deltas, jax.random.key(0), jnp.array([-1]),
+        config=fixture_config(24)).compile().as_text()
+    body = while_bodies(compiled)
+    assert body, "the decode loop is no while loop"
+    layer_size = int(np.prod(cache.k.shape[1:]))
+
+    def size(line):
+        match = re.match(r"\s*\S+ = f32\[([\d,]*)\]", line)
+        return match and int(np.prod([int(d) for d in match.group(1).split(",") if d]))
+
+    copies = [line.strip()[:160] for line in body
+              if re.match(r"\s*(ROOT )?%?(copy|slice|transpose)", line) and size(line) == layer_size]
+    assert copies == [], copies
+
+
 def test_decode_compiles_once(tiny_split, fixture_inputs, main_run):
     before = generation.decode_rollout._cache_size(), generation.prefill._cache_size()
     again = generate(tiny_split, fixture_inputs, config=fixture_config(24), key=jax.random.key(123))

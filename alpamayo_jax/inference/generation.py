@@ -123,7 +123,7 @@ class DecodeState:
     step: jax.Array  # () int32
     tokens: jax.Array  # (B, N) int32, as appended by the reference (pad after EOS, and beyond step)
     logits: jax.Array | None  # (B, N, V) float32 masked logits per step, or None
-    cache: KVCache  # length = prompt + step - 1 (once step >= 1)
+    cache: KVCache  # per layer (`KVCache.per_layer`); length = prompt + step - 1 (once step >= 1)
     unfinished: jax.Array  # (B,) bool: not yet stopped (EOS, max length, stop-after rule)
     saw_stop_token: jax.Array  # (B,) bool: `StopAfterEOS`'s per-row flags
     rope_deltas: jax.Array  # (B,) int32
@@ -213,7 +213,7 @@ def _finish(state: DecodeState, config: GenerationConfig, prompt_stop_index: jax
     offsets = jnp.where(has_stop, first_stop + 1, prompt_length + state.step).astype(jnp.int32)
     after_stop = prompt_length + columns[None, :] > first_stop[:, None]
     tokens = jnp.where(after_stop, config.pad_token_id, raw).astype(jnp.int32)
-    return GenerationResult(tokens=tokens, raw_tokens=raw, num_steps=state.step, cache=state.cache,
+    return GenerationResult(tokens=tokens, raw_tokens=raw, num_steps=state.step, cache=state.cache.stacked(),
                             offsets=offsets, has_stop_token=has_stop, rope_deltas=state.rope_deltas,
                             prompt_length=prompt_length, logits=state.logits)
 
@@ -245,7 +245,7 @@ def decode(
         tokens=jnp.full((batch, config.max_new_tokens), config.pad_token_id, jnp.int32),
         logits=(jnp.zeros((batch, config.max_new_tokens, vocab), jnp.float32)
                 if config.return_logits else None),
-        cache=cache,
+        cache=cache.per_layer(),  # the loop writes and reads each layer's arrays in place
         unfinished=jnp.ones((batch,), bool),
         saw_stop_token=jnp.zeros((batch,), bool),
         rope_deltas=rope_deltas.astype(jnp.int32),

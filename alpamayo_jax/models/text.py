@@ -31,8 +31,9 @@ class DecoderOutput(NamedTuple):
     k: jax.Array  # (L, B, K, T, H) keys of the new tokens (the cache's layout), after k_norm and rotary
     v: jax.Array  # (L, B, K, T, H)
     layer_outputs: tuple[jax.Array, ...] | None  # L x (B, T, D), raw layer outputs (before DeepStack)
-    cache_k: jax.Array | None = None  # (L, B, K, S, H) with a cache: its keys, the new tokens' written
-    cache_v: jax.Array | None = None  # (L, B, K, S, H)
+    cache_k: jax.Array | None = None  # with a cache: its keys, the new tokens' written, in the form
+    #                                   given: (L, B, K, S, H), or `KVCache.per_layer`'s
+    cache_v: jax.Array | None = None
 
 
 class TextDecoder(nnx.Module):
@@ -65,7 +66,9 @@ class TextDecoder(nnx.Module):
     ) -> DecoderOutput:
         """Either attends to a read-only `prefix_kv` followed by the new tokens, or writes the new
         tokens' keys/values into `cache` at its length, layer by layer, and attends to the cache
-        (`CacheWrite`; `cache_k`/`cache_v` of the output, the cache's mask and length unchanged).
+        (`CacheWrite`; `cache_k`/`cache_v` of the output in the cache's form, stacked or
+        `per_layer`; the cache's mask and length unchanged). A loop should carry its cache
+        per layer: a stacked one is split and stacked again in every call.
 
         With `remat`, each layer's activations are recomputed in the backward pass instead of
         stored (`nnx.remat` per layer): memory of one layer for the price of a second forward."""
@@ -80,7 +83,8 @@ class TextDecoder(nnx.Module):
         x = inputs_embeds
         new_k, new_v, layer_outputs = [], [], []
         apply_layer = _recomputed_layer if remat else _layer
-        cache_kv = None if cache is None else (cache.k, cache.v)
+        layer_cache = None if cache is None else cache.per_layer()
+        cache_kv = None if layer_cache is None else (layer_cache.k, layer_cache.v)
         for index, layer in enumerate(self.layers):
             if cache_kv is not None:
                 write = CacheWrite(*cache_kv, layer=index, start=cache.length)
@@ -96,8 +100,13 @@ class TextDecoder(nnx.Module):
         if cache_kv is None:
             k, v, cache_k, cache_v = jnp.stack(new_k), jnp.stack(new_v), None, None
         else:
-            cache_k, cache_v = cache_kv
-            k, v = (jax.lax.dynamic_slice_in_dim(part, cache.length, x.shape[1], axis=3) for part in cache_kv)
+            batch, num_new, head_dim = x.shape[0], x.shape[1], self.config.head_dim
+            k, v = (jnp.stack([jax.lax.dynamic_slice_in_dim(layer_part, cache.length, num_new, axis=1)
+                               .reshape(batch, -1, num_new, head_dim) for layer_part in part])
+                    for part in cache_kv)
+            written = layer_cache.replace(k=cache_kv[0], v=cache_kv[1])
+            written = written if cache.is_per_layer else written.stacked()
+            cache_k, cache_v = written.k, written.v
         return DecoderOutput(
             hidden_states=self.norm(x),
             k=k,

@@ -26,14 +26,30 @@ KV = tuple[jax.Array, jax.Array]  # keys, values: (B, K, S, H) each, the KV cach
 
 class CacheWrite(NamedTuple):
     """Where a layer of a cached forward puts its new keys/values: slots `start`.. of layer `layer`
-    of a stacked cache. The layer then attends to its whole (B, K, S, H) block, the new tokens
-    included. Writing before reading lets XLA update the loop-carried cache of a decode loop in
-    place; reading the old cache and writing after the last layer makes it copy the whole cache."""
+    of a cache held per layer (`KVCache.per_layer`). The layer then attends to its whole arrays,
+    the new tokens included. Writing before reading lets XLA update the loop-carried cache of a
+    decode loop in place; reading the old cache and writing afterwards makes it copy each layer's
+    arrays, as it cannot tell that the products read them before the write."""
 
-    k: jax.Array  # (L, B, K, S, H)
-    v: jax.Array  # (L, B, K, S, H)
+    k: tuple[jax.Array, ...]  # L x (B * K, S, H)
+    v: tuple[jax.Array, ...]  # L x (B * K, S, H)
     layer: int
     start: jax.Array  # () int32: the first new token's slot
+
+    def write(self, k_new: jax.Array, v_new: jax.Array) -> tuple[KV, tuple[tuple[jax.Array, ...], ...]]:
+        """Writes the new keys/values (B, K, T, H) at `start` of this layer. Returns the layer's
+        keys and values (B, K, S, H) holding them, and the cache's (k, v) tuples with them."""
+        batch, num_heads, _, head_dim = k_new.shape
+
+        def written(parts, new):
+            rows = new.reshape(batch * num_heads, -1, head_dim).astype(parts[self.layer].dtype)
+            part = jax.lax.dynamic_update_slice(parts[self.layer], rows, (0, self.start, 0))
+            replaced = (*parts[:self.layer], part, *parts[self.layer + 1:])
+            return part.reshape(batch, num_heads, -1, head_dim), replaced
+
+        keys, k_parts = written(self.k, k_new)
+        values, v_parts = written(self.v, v_new)
+        return (keys, values), (k_parts, v_parts)
 
 
 def bias_from_mask(mask: jax.Array) -> jax.Array:
@@ -263,8 +279,8 @@ class Attention(nnx.Module):
         cache: CacheWrite | None = None,
     ) -> tuple[jax.Array, KV]:
         """Returns the output (B, T, D) and this call's own keys/values in the cache's layout
-        (B, K, T, H), keys after k_norm and rotary; with `cache`, the cache's stacked keys/values
-        (L, B, K, S, H) with this call's written into them. A `CausalMask` (self-attention among
+        (B, K, T, H), keys after k_norm and rotary; with `cache`, the cache's (k, v) tuples with
+        this call's written into them. A `CausalMask` (self-attention among
         the new tokens only) goes through `causal_attention`."""
         if prefix_kv is not None and cache is not None:
             raise ValueError("pass a read-only prefix_kv or a cache to write into, not both")
@@ -274,11 +290,9 @@ class Attention(nnx.Module):
         k = jnp.swapaxes(apply_rotary(self.k_norm(self.k_proj(x)), cos, sin), 1, 2)
         v = jnp.swapaxes(self.v_proj(x), 1, 2)
         if cache is not None:
-            at = (cache.layer, 0, 0, cache.start, 0)
-            cache_k = jax.lax.dynamic_update_slice(cache.k, k[None].astype(cache.k.dtype), at)
-            cache_v = jax.lax.dynamic_update_slice(cache.v, v[None].astype(cache.v.dtype), at)
-            keys, values = cache_k[cache.layer].astype(self.dtype), cache_v[cache.layer].astype(self.dtype)
-            return self._project_out(block_attention(q, [(keys, values, bias)])), (cache_k, cache_v)
+            (keys, values), written = cache.write(k, v)
+            keys, values = keys.astype(self.dtype), values.astype(self.dtype)
+            return self._project_out(block_attention(q, [(keys, values, bias)])), written
         own = (k.astype(self.dtype), v.astype(self.dtype))
         if isinstance(bias, CausalMask):
             out = causal_attention(q, *own, bias.key_mask)
