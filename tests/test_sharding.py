@@ -57,6 +57,15 @@ def test_mesh_presets():
         make_mesh("model8", devices=[object()])
 
 
+def test_merged_dimension_splits_over_both_mesh_axes():
+    # One layer's (B * K, S, H) keys as the decode loop carries them (`KVCache.per_layer`).
+    assert partition_spec((("batch", "kv_heads"), "cache_length", "head_dim")) == PartitionSpec(
+        ("data", "model"), None, None)
+    assert partition_spec((("batch", "layers"), None)) == PartitionSpec("data", None)
+    with pytest.raises(ShardingError, match="same mesh axis"):
+        partition_spec((("batch", "kv_heads"), "heads"))
+
+
 def test_10b_places_on_one_device(abstract_10b):
     shardings = param_shardings(abstract_10b, make_mesh("single"))
     assert len(shardings) == 1166
@@ -135,6 +144,11 @@ def test_parallel_pipeline_matches_single_device(multidevice, preset):
     print(f"{preset}: KV cache {cache['shape']} as {cache['spec']}, {cache['block']} per device")
     assert cache["spec"] == [None, "data" if data > 1 else None, "model" if model > 1 else None, None, None]
     assert cache["block"] == [cache["shape"][0], 8 // data, 2 // model, *cache["shape"][3:]]
+    # In the decode loop, each layer's (B * K, S, H) keys and values keep both splits.
+    print(f"{preset}: decode loop carries {cache['decode_carry_arrays']} layer arrays of "
+          f"{cache['decode_carry_rows']} rows per device")
+    assert cache["decode_carry_arrays"] == 2 * cache["shape"][0]
+    assert cache["decode_carry_rows"] == [8 * 2 // (data * model)]
 
 
 def test_10b_vocabulary_is_split_along_its_width(abstract_10b):

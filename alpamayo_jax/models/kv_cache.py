@@ -17,8 +17,10 @@ from flax import struct
 
 from alpamayo_jax.sharding import KV_CACHE_AXES, constrain
 
-# Logical axes of the cache's slot mask (B, S).
+# Logical axes of the cache's slot mask (B, S), and of one layer's keys or values held per layer
+# (B * K, S, H).
 KV_MASK_AXES = ("batch", "cache_length")
+KV_LAYER_AXES = (KV_CACHE_AXES[1:3], *KV_CACHE_AXES[3:])
 
 
 @struct.dataclass
@@ -61,7 +63,7 @@ class KVCache:
         def split(stacked):
             return tuple(layer.reshape(batch * num_heads, capacity, head_dim) for layer in stacked)
 
-        return self.replace(k=split(self.k), v=split(self.v))
+        return self.replace(k=split(self.k), v=split(self.v)).constrained()
 
     def stacked(self) -> KVCache:
         """The same cache with `k` and `v` as (L, B, K, S, H) arrays (unchanged if it is already),
@@ -76,11 +78,15 @@ class KVCache:
         return self.replace(k=stack(self.k), v=stack(self.v)).constrained()
 
     def constrained(self) -> KVCache:
-        """The cache pinned to its placement on the current mesh (unchanged without one). A cache
-        held per layer keeps the placement its arrays were split with: the merged (B * K) axis has
-        no logical name."""
+        """The cache pinned to its placement on the current mesh (unchanged without one); held per
+        layer, its merged (B * K) axis split over both of their mesh axes."""
         if self.is_per_layer:
-            return self.replace(mask=constrain(self.mask, KV_MASK_AXES, name="KV cache mask"))
+            def pinned(parts, name):
+                return tuple(constrain(part, KV_LAYER_AXES, name=f"KV cache {name}, layer {index}")
+                             for index, part in enumerate(parts))
+
+            return self.replace(k=pinned(self.k, "keys"), v=pinned(self.v, "values"),
+                                mask=constrain(self.mask, KV_MASK_AXES, name="KV cache mask"))
         return self.replace(k=constrain(self.k, KV_CACHE_AXES, name="KV cache keys"),
                             v=constrain(self.v, KV_CACHE_AXES, name="KV cache values"),
                             mask=constrain(self.mask, KV_MASK_AXES, name="KV cache mask"))

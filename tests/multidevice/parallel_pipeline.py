@@ -4,6 +4,7 @@ Prints JSON."""
 
 import json
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -22,7 +23,7 @@ from alpamayo_jax.data.iterator import DatasetSource  # noqa: E402
 from alpamayo_jax.data.synthetic_dataset import write_synthetic_dataset  # noqa: E402
 from alpamayo_jax.evaluation.evaluate import evaluate  # noqa: E402
 from alpamayo_jax.inference.inference_config import InferenceConfig  # noqa: E402
-from alpamayo_jax.inference.generation import cache_capacity, prefill  # noqa: E402
+from alpamayo_jax.inference.generation import cache_capacity, decode_rollout, prefill  # noqa: E402
 from alpamayo_jax.inference.pipeline import Pipeline  # noqa: E402
 from alpamayo_jax.nn.variables import module_variables  # noqa: E402
 from alpamayo_jax.io.convert import convert_checkpoint  # noqa: E402
@@ -49,11 +50,20 @@ def prefill_report(pipeline, inputs) -> dict:
     arguments = dict(capacity=cache_capacity(inputs.prompt_length, generation.max_new_tokens),
                      num_samples=settings.num_samples, stop_token_id=generation.stop_after_token_id)
     with pipeline.on_mesh():
-        cache = prefill(pipeline.split, inputs, **arguments)[0]
+        cache, logits, rope_deltas, stops = prefill(pipeline.split, inputs, **arguments)
         cost = prefill.lower(pipeline.split, inputs, **arguments).compile().cost_analysis()
+        decode_hlo = decode_rollout.lower(pipeline.split, cache, logits, rope_deltas, jax.random.key(0), stops,
+                                          config=generation).compile().as_text()
     spec = list(getattr(cache.k.sharding, "spec", ()))  # none on one device
+    # The decode loop carries each layer's keys and values as (B * K, S, H) (`KVCache.per_layer`):
+    # the rows of those arrays in its per-device carry.
+    _, _, _, capacity, head_dim = cache.k.shape
+    carry = " ".join(re.findall(r"%while[.\d]* = \(([^)]*)\)", decode_hlo))
+    decode_rows = re.findall(rf"f32\[(\d+),{capacity},{head_dim}\]", carry)
     return {"kv_cache": {"spec": spec + [None] * (cache.k.ndim - len(spec)), "shape": list(cache.k.shape),
-                         "block": list(cache.k.addressable_shards[0].data.shape)},
+                         "block": list(cache.k.addressable_shards[0].data.shape),
+                         "decode_carry_rows": sorted({int(rows) for rows in decode_rows}),
+                         "decode_carry_arrays": len(decode_rows)},
             "prefill_flops_per_device": float((cost[0] if isinstance(cost, list) else cost)["flops"])}
 
 
