@@ -121,25 +121,26 @@ def make_mesh(preset: str | tuple[int, int], devices=None) -> Mesh:
     return Mesh(np.asarray(devices[: data * model]).reshape(data, model), MESH_AXES)
 
 
+def _parts(entry: str | tuple[str, ...] | None) -> tuple[str, ...]:
+    """The names (or mesh axes) of one dimension's entry: none, one, or several merged."""
+    return () if entry is None else entry if isinstance(entry, tuple) else (entry,)
+
+
 def partition_spec(logical_axes: tuple[str | tuple[str, ...] | None, ...],
                    rules: Mapping[str, str | None] = LOGICAL_RULES) -> PartitionSpec:
     """The mesh placement of an array whose dimensions have these logical names; a tuple of names
     is one dimension that merges several, major first (a reshape of (B, K) into B * K). Raises on
     an unknown name or when two dimensions would use the same mesh axis."""
-    names = [n for entry in logical_axes if entry is not None
-             for n in (entry if isinstance(entry, tuple) else (entry,))]
-    unknown = [n for n in names if n not in rules]
+    unknown = [n for entry in logical_axes for n in _parts(entry) if n not in rules]
     if unknown:
         raise ShardingError(f"logical axes {unknown} have no rule (known: {sorted(rules)})")
 
     def mesh_axis(entry):
-        if not isinstance(entry, tuple):
-            return None if entry is None else rules[entry]
-        merged = tuple(rules[n] for n in entry if rules[n] is not None)
+        merged = tuple(rules[n] for n in _parts(entry) if rules[n] is not None)
         return merged[0] if len(merged) == 1 else (merged or None)
 
     mesh_axes = [mesh_axis(entry) for entry in logical_axes]
-    used = [a for entry in mesh_axes if entry is not None for a in (entry if isinstance(entry, tuple) else (entry,))]
+    used = [a for entry in mesh_axes for a in _parts(entry)]
     if len(used) != len(set(used)):
         raise ShardingError(f"logical axes {logical_axes} map two dimensions to the same mesh axis: {mesh_axes}")
     return PartitionSpec(*mesh_axes)
@@ -147,22 +148,19 @@ def partition_spec(logical_axes: tuple[str | tuple[str, ...] | None, ...],
 
 def _indivisible(shape: tuple[int, ...], spec: PartitionSpec, axis_sizes: Mapping[str, int]) -> list[int]:
     """Dimensions that their mesh axes would split unevenly."""
-    def axes_of(entry):
-        return () if entry is None else entry if isinstance(entry, tuple) else (entry,)
-
-    missing = [a for entry in spec for a in axes_of(entry) if a not in axis_sizes]
+    missing = [a for entry in spec for a in _parts(entry) if a not in axis_sizes]
     if missing:
         raise ShardingError(f"the mesh has no axis {missing[0]!r} (axes {tuple(axis_sizes)}); use make_mesh")
     return [dim for dim, (size, entry) in enumerate(zip(shape, spec, strict=True))
-            if entry is not None and size % math.prod(axis_sizes[a] for a in axes_of(entry))]
+            if size % math.prod(axis_sizes[a] for a in _parts(entry))]
 
 
 def _indivisible_error(name: str, dim: int, shape, logical_axes, spec, axis_sizes) -> ShardingError:
     axis = spec[dim]
-    size = math.prod(axis_sizes[a] for a in (axis if isinstance(axis, tuple) else (axis,)))
     return ShardingError(
         f"{name}: dimension {dim} ({logical_axes[dim]}, size {shape[dim]}) does not divide over mesh axis "
-        f"{axis!r} of size {size}; choose a mesh whose {axis} axis divides it")
+        f"{axis!r} of size {math.prod(axis_sizes[a] for a in _parts(axis))}; choose a mesh whose {axis} axis "
+        "divides it")
 
 
 def sharding_for(mesh: Mesh, shape: tuple[int, ...], logical_axes: tuple[str | None, ...], *, name: str,

@@ -259,6 +259,12 @@ def while_bodies(hlo: str) -> list[str]:
             for line in computation.splitlines()[1:]]
 
 
+def f32_elements(line: str) -> int | None:
+    """The element count of the float32 array an optimised HLO line defines, or None."""
+    match = re.match(r"\s*\S+ = f32\[([\d,]*)\]", line)
+    return match and int(np.prod([int(d) for d in match.group(1).split(",") if d]))
+
+
 def test_flow_steps_copy_no_cache_layer(tiny_split, main_run):
     """The Euler steps read each layer's cached keys and values where they are
     (`ExpertContext.per_layer`): nothing inside the loop slices a layer out of the stacked cache,
@@ -270,11 +276,8 @@ def test_flow_steps_copy_no_cache_layer(tiny_split, main_run):
     assert body, "the Euler steps are no while loop"
     layer_size = int(np.prod(main_run.cache.k.shape[1:]))  # B * K * S * H, in any shape (B = 1 is dropped)
 
-    def size(line):
-        match = re.match(r"\s*\S+ = f32\[([\d,]*)\]", line)
-        return match and int(np.prod([int(d) for d in match.group(1).split(",") if d]))
-
-    slices = [line.strip() for line in body if re.match(r"\s*%?\S*slice", line) and size(line) == layer_size]
+    slices = [line.strip() for line in body
+              if re.match(r"\s*%?\S*slice", line) and f32_elements(line) == layer_size]
     assert slices == [], slices
 
 
@@ -292,12 +295,8 @@ def test_decode_steps_copy_no_kernel(tiny_model, tiny_split, fixture_inputs):
     assert body, "the decode loop is no while loop"
     kernel_size = tiny_model.vlm.language_model.layers[0].self_attn.o_proj.kernel.size
 
-    def size(line):
-        match = re.match(r"\s*\S+ = f32\[([\d,]*)\]", line)
-        return match and int(np.prod([int(d) for d in match.group(1).split(",") if d]))
-
     copies = [line.strip()[:160] for line in body
-              if re.match(r"\s*%?\S*(copy|transpose)", line) and size(line) == kernel_size]
+              if re.match(r"\s*%?\S*(copy|transpose)", line) and f32_elements(line) == kernel_size]
     assert copies == [], copies
 
 
@@ -314,12 +313,8 @@ def test_decode_steps_copy_no_cache_layer(tiny_split, main_run):
     assert body, "the decode loop is no while loop"
     layer_size = int(np.prod(cache.k.shape[1:]))
 
-    def size(line):
-        match = re.match(r"\s*\S+ = f32\[([\d,]*)\]", line)
-        return match and int(np.prod([int(d) for d in match.group(1).split(",") if d]))
-
     copies = [line.strip()[:160] for line in body
-              if re.match(r"\s*(ROOT )?%?(copy|slice|transpose)", line) and size(line) == layer_size]
+              if re.match(r"\s*(ROOT )?%?(copy|slice|transpose)", line) and f32_elements(line) == layer_size]
     assert copies == [], copies
 
 
