@@ -14,22 +14,22 @@ import tempfile
 from pathlib import Path
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-# One persistent compilation cache per test run, in a fresh directory removed at exit: this
-# process, the pytest-xdist workers (which inherit the variable) and every command-line child the
-# tests start compile a program once and load it after that; nothing outside the run is read.
-# tests/test_compilation.py gives its children their own directories.
-if "ALPAMAYO_JAX_CACHE_DIR" not in os.environ:
-    os.environ["ALPAMAYO_JAX_CACHE_DIR"] = tempfile.mkdtemp(prefix="alpamayo-jax-tests-xla-")
-    atexit.register(shutil.rmtree, os.environ["ALPAMAYO_JAX_CACHE_DIR"], ignore_errors=True)
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from safetensors.numpy import load_file  # noqa: E402
 
-from alpamayo_jax.compilation_cache import setup_compilation_cache  # noqa: E402
+from alpamayo_jax.compilation_cache import ENV_VAR, setup_compilation_cache  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+# One persistent compilation cache per test run, in a fresh directory removed at exit: this
+# process, the pytest-xdist workers (which inherit the variable) and every command-line child the
+# tests start compile a program once and load it after that; nothing outside the run is read.
+# tests/test_compilation.py gives its children their own directories.
+if ENV_VAR not in os.environ:
+    os.environ[ENV_VAR] = tempfile.mkdtemp(prefix="alpamayo-jax-tests-xla-")
+    atexit.register(shutil.rmtree, os.environ[ENV_VAR], ignore_errors=True)
 setup_compilation_cache()
 
 FIXTURE_DIR = Path(__file__).parent / "fixtures" / "tiny_ar1_dev"
