@@ -20,7 +20,9 @@ KL 1.4e-4 (2.7e-4), decode logits over 8 steps KL 2.1e-4 (2.2e-4) and 1.2e-2 rel
 velocity 8.5e-3 (2.6e-2 and 0.21), actions after 10 steps 2.4e-3 (1.2e-2), trajectory 0.029 m
 (0.59 m). The bounds are those figures with a margin of about 2x; the language model's figures
 are close in both precisions (its bfloat16 residual stream rounds either way), the expert's and
-the trajectory's are not, and the test asserts that gap too.
+the trajectory's are not, and the test asserts that gap too. Which precision is nearer in the
+language model depends on the reference's CPU: against the live run on a CPU without AVX-512,
+float32's prefill KL is 1.2e-4 and bfloat16's 1.5e-4 (`LANGUAGE_MODEL_SLACK`).
 """
 
 from __future__ import annotations
@@ -33,7 +35,9 @@ pytest.importorskip("torch")
 
 import numpy as np  # noqa: E402
 from alpamayo_reference.verify_bfloat16 import (  # noqa: E402
+    LANGUAGE_MODEL_SLACK,
     format_precision_report,
+    further_than_float32,
     precision_tables,
     reference_run,
     relative,
@@ -94,9 +98,11 @@ def test_every_stage_within_its_bound(tables, reference):
 @pytest.mark.parametrize("reference", ["transformers", "nvidia"])
 def test_bfloat16_follows_the_reference_closer_than_float32(tables, reference):
     """The expert (float32 residual stream, bfloat16 projections and attention) and everything
-    after it: reproducing the autocast flow is what brings the error down, by 3x to 40x here."""
+    after it: reproducing the autocast flow is what brings the error down, by 3x to 110x here. The
+    language model's rows are of one scale in both precisions, and which is nearer depends on the
+    CPU the reference runs on (`LANGUAGE_MODEL_SLACK`)."""
+    assert further_than_float32(tables[reference]) == []
     rows = {(row.stage, row.measure): row for row in tables[reference]}
-    assert rows[("prefill logits, last position", "kl")].bfloat16 < rows[("prefill logits, last position", "kl")].float32
     for stage in ("expert velocity (t=0.0)", "expert velocity (t=0.7)", "actions after 10 Euler steps"):
         row = rows[(stage, "relative")]
         assert row.bfloat16 < row.float32 / 2, row
@@ -124,10 +130,16 @@ def test_verify_cli_reports_the_table_and_fails_where_bfloat16_is_further(table,
     assert format_precision_report(table) in out and out.rstrip().endswith("verification passed")
     assert json.loads((tmp_path / "table.json").read_text()) == [dataclasses.asdict(row) for row in table]
 
-    worse = [dataclasses.replace(table[0], bfloat16=2 * table[0].float32), *table[1:]]
-    monkeypatch.setattr(module, "verify_bfloat16", lambda *args, **kwargs: worse)
-    assert cli.main(command) == 1
-    assert f"further from the reference than float32: {table[0].stage} ({table[0].measure})" in capsys.readouterr().out
+    # The language model's rows may be up to LANGUAGE_MODEL_SLACK times further, the expert's not at all.
+    assert table[0].stage == "vision tokens" and table[-1].stage == "trajectory xyz"
+    for row, factor, fails in ((0, LANGUAGE_MODEL_SLACK, False), (0, 1.01 * LANGUAGE_MODEL_SLACK, True),
+                               (-1, 1.01, True)):
+        worse = list(table)
+        worse[row] = dataclasses.replace(table[row], bfloat16=factor * table[row].float32)
+        monkeypatch.setattr(module, "verify_bfloat16", lambda *args, worse=worse, **kwargs: worse)
+        assert cli.main(command) == int(fails)
+        named = f"further from the reference than float32: {table[row].stage} ({table[row].measure})"
+        assert (named in capsys.readouterr().out) == fails
     assert cli.main(["verify", "--stage", "1", "--dtype", "bfloat16", "--model", str(FIXTURE / "hf")]) == 2
     assert "--dtype bfloat16 compares inference" in capsys.readouterr().err
     # NVIDIA's AlpamayoR1 as the reference: its source tree is checked before anything loads.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pathlib
 import time
 
+import jax
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
@@ -12,6 +13,7 @@ from safetensors.numpy import load_file
 from alpamayo_jax.action.tokenizers import encode_history
 from alpamayo_jax.compilation_cache import count_compilations
 from alpamayo_jax.config import alpamayo_r1_10b, tiny
+from alpamayo_jax.processing import image as image_module
 from alpamayo_jax.processing.image import (
     flatten_camera_frames,
     preprocess_clip,
@@ -104,6 +106,7 @@ def test_camera_frames_are_camera_major(golden):
         ((50, 50), (50, 20)),  # width only
         ((100, 30), (48, 16)),  # PIL would filter height first here and differ by several levels
         ((5, 600), (32, 64)),  # extreme shrink on one axis, enlarge on the other
+        ((1080, 1920), (320, 576)),  # the rig's frames: a strided width pass (`_periodic_rows`)
     ],
 )
 def test_resize_matches_torch_uint8_kernel(in_hw, out_hw):
@@ -290,3 +293,58 @@ def test_clip_history_in_the_same_program(cfg):
     np.testing.assert_array_equal(grid, expected_grid)
     assert bins.dtype == np.int64
     np.testing.assert_array_equal(bins, np.asarray(encode_history(xyz, cfg.history_tokenizer)))
+
+
+# ---------------------------------------------------------------------------------------------
+# The strided width pass and the host arrays the programs read
+# ---------------------------------------------------------------------------------------------
+
+
+def test_rig_frames_repeat_their_width_taps_between_the_borders():
+    """1920 -> 576 is 10:3: every block of three output columns but the first and the last reads
+    the taps of the middle block shifted by ten input columns, with the same weights."""
+    source, weights, _ = image_module._fixed_point_taps(1920, 576)
+    assert image_module._periodic_rows(source, weights, 1920) == (10, 3, 1, 190)
+    odd_source, odd_weights, _ = image_module._fixed_point_taps(1283, 576)
+    assert image_module._periodic_rows(odd_source, odd_weights, 1283) is None  # gcd 1: no period
+
+
+def test_strided_pieces_are_assembled_in_row_order():
+    """A filter whose blocks repeat except block 2 and the borders: the run around the middle is
+    read by strided slices, the rest gathered, and every output row is its own weighted sum."""
+    blocks, in_period, out_period, taps = 8, 5, 2, 4
+    rng = np.random.default_rng(5)
+    base_source = np.array([[0, 1, 2, 3], [2, 3, 4, 5]])
+    base_weights = rng.integers(-50, 200, (out_period, taps), dtype=np.int32)
+    source = np.concatenate([base_source + b * in_period for b in range(blocks)])
+    weights = np.tile(base_weights, (blocks, 1))
+    weights[2 * out_period] += 1  # block 2 differs
+    source = np.minimum(source, blocks * in_period - 1)  # the last block reads clamped taps
+    assert image_module._periodic_rows(source, weights, blocks * in_period) == (in_period, out_period, 3, 4)
+
+    x = rng.integers(0, 256, (2, 3, blocks * in_period), dtype=np.uint8)
+
+    def weighted_sum(samples, row_weights, shape):
+        return sum(s.astype(np.int32) * row_weights[:, k].reshape(shape) for k, s in enumerate(samples))
+
+    def filtered(v):
+        return image_module._filter_axis(v, source, weights, 2, weighted_sum, strided=True)
+
+    pieces = jax.jit(filtered)(x)
+    # gathered first blocks, strided run, gathered last block
+    assert [p.shape[2] for p in pieces] == [3 * out_period, 4 * out_period, out_period]
+    expected = np.einsum("...jk,jk->...j", x[..., source].astype(np.int64), weights)
+    np.testing.assert_array_equal(np.concatenate(pieces, axis=2), expected)
+
+
+def test_unaligned_host_frames_are_copied_to_an_aligned_buffer():
+    """XLA's CPU client copies a host array that does not start at a multiple of 64 bytes, four
+    times slower than numpy: such frames get an aligned numpy copy, aligned ones go as they are."""
+    storage = np.arange(3 * 40 * 60 + 64, dtype=np.int64).astype(np.uint8)
+    start = (1 - storage.ctypes.data) % 64
+    unaligned = storage[start : start + 3 * 40 * 60].reshape(3, 40, 60)
+    assert unaligned.ctypes.data % 64 == 1
+    copied = image_module._readable_in_place(unaligned)
+    assert copied.ctypes.data % 64 == 0 and not np.shares_memory(copied, unaligned)
+    np.testing.assert_array_equal(copied, unaligned)
+    assert image_module._readable_in_place(copied) is copied
