@@ -10,8 +10,8 @@ Also checks that both produce the same pixel values (bit for bit on the uint8 pa
 numpy's large arrays start 16 bytes past a 64-byte boundary, and XLA's CPU client reads only
 64-byte-aligned host arrays in place, so ours first copies such frames (`image._readable_in_place`).
 The figures of ours include that copy; `ours_aligned_frames_*` are the same calls, interleaved
-with the others, on a 64-byte-aligned copy of the frames made beforehand: what a caller that
-allocates its frames aligned gets.
+with the others, on the frames in an `image.aligned_host_array` filled beforehand: what a caller
+that allocates its frames there gets, as the PhysicalAI-AV loader does.
 
     python bench/preprocess_bench.py [--height 1080 --width 1920 --cameras 4 --frames 4]
                                      [--repeats 7] [--layout chw|hwc] [--float-resize] [--json]
@@ -82,7 +82,8 @@ def main() -> None:
     if args.layout == "hwc":
         frames = np.ascontiguousarray(frames.transpose(0, 1, 3, 4, 2))
 
-    aligned_frames = image._readable_in_place(frames)  # the frames as they are off the CPU backend
+    aligned_frames = image.aligned_host_array(frames.shape)
+    aligned_frames[...] = frames
 
     def ours(frames=frames):
         pixels, grid = image.preprocess_images(

@@ -348,3 +348,23 @@ def test_unaligned_host_frames_are_copied_to_an_aligned_buffer():
     assert copied.ctypes.data % 64 == 0 and not np.shares_memory(copied, unaligned)
     np.testing.assert_array_equal(copied, unaligned)
     assert image_module._readable_in_place(copied) is copied
+
+
+def test_frames_of_an_aligned_camera_array_go_as_one_array(cfg):
+    """A loader's `aligned_host_array` of (C, F, H, W, 3) frames reaches the program as that
+    memory (one (C * F, H, W, 3) array, no copy), and gives the same patches as a numpy array."""
+    frames = image_module.aligned_host_array((2, 3, 40, 60, 3))
+    assert frames.ctypes.data % 64 == 0 and frames.flags.c_contiguous and frames.flags.writeable
+    frames[...] = np.random.default_rng(5).integers(0, 256, frames.shape, dtype=np.uint8)
+    sent = [image_module._device_layout(f)[0] for f in flatten_camera_frames(frames)]
+    batch = image_module._batch(sent)
+    assert isinstance(batch, np.ndarray) and batch.shape == (6, 40, 60, 3)
+    assert batch.ctypes.data == frames.ctypes.data and not batch.flags.writeable
+    assert image_module._readable_in_place(batch) is batch
+    np.testing.assert_array_equal(batch, frames.reshape(6, 40, 60, 3))
+    assert isinstance(image_module._batch(sent[::2]), tuple)  # not consecutive: stacked by the program
+    assert isinstance(image_module._batch([sent[0], np.array(sent[1])]), tuple)  # another owner
+    ours = _preprocess(flatten_camera_frames(frames), cfg)
+    plain = _preprocess(flatten_camera_frames(np.array(frames)), cfg)
+    for a, b in zip(ours, plain):
+        np.testing.assert_array_equal(a, b)

@@ -126,6 +126,9 @@ def test_sample_is_a_valid_clip_with_ground_truth(dataset):
     assert np.array_equal(clip.ego_history_xyz[-1], np.zeros(3, np.float32))
     np.testing.assert_allclose(clip.ego_history_rot[-1], np.eye(3), atol=1e-6)
     validate_clip(clip)
+    # One (C, F, H, W, 3) array that preprocessing reads in place (`image.aligned_host_array`).
+    assert isinstance(clip.camera_frames, np.ndarray) and clip.camera_frames.ctypes.data % 64 == 0
+    assert clip.camera_frames.transpose(0, 1, 3, 4, 2).flags.c_contiguous
     assert np.array_equal(np.asarray(read_clip(FIXTURE / "dataset", CLIP_IDS[0]).camera_frames),
                           np.asarray(clip.camera_frames))
 

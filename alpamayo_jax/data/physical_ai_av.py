@@ -61,6 +61,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from alpamayo_jax.processing.clip import CAMERA_NAMES, Clip, ClipError, read_only
+from alpamayo_jax.processing.image import aligned_host_array
 
 DEFAULT_T0_US = 5_100_000  # the training and evaluation keyframe, 5.1 s into the clip
 TIME_STEP = 0.1  # seconds between history / future poses and between frames
@@ -274,11 +275,12 @@ class PhysicalAIAVDataset:
         future_us = t0_us + _offsets_us(1, num_future)
         history, future = self._ego_poses(clip_id, chunk, t0_us, history_us, future_us)
         frame_times_us = t0_us + _offsets_us(1 - num_frames, 0)
-        frames, times = [], []
+        decoded, times = [], []
         for name in names:
             images, stamps = self._camera_frames(clip_id, chunk, name, frame_times_us)
-            frames.append(read_only(np.ascontiguousarray(images.transpose(0, 3, 1, 2))))  # (F, 3, H, W)
+            decoded.append(images)  # (F, H, W, 3)
             times.append(stamps.astype(np.int64))
+        frames = _camera_array(decoded)
         frame_timestamps = np.stack(times)
         relative = (frame_timestamps.min(axis=0) - t0_us) / 1e6
         try:
@@ -386,6 +388,15 @@ class PhysicalAIAVDataset:
             raise DatasetError(f"{clip_id}: {path} has no {member} (the clip's {feature} {alias})") from None
         except (zipfile.BadZipFile, zlib.error, OSError, EOFError) as error:
             raise DatasetError(f"{clip_id}: cannot read {member} from {path}: corrupt zip ({error})") from None
+
+
+def _camera_array(decoded: list[np.ndarray]) -> np.ndarray | list[np.ndarray]:
+    """The cameras' (F, H, W, 3) frames as one read-only (C, F, H, W, 3) array that preprocessing
+    reads in place (`image.aligned_host_array`), the frames' one copy; per camera when the
+    cameras' sizes differ."""
+    if len({camera.shape for camera in decoded}) > 1:
+        return decoded
+    return read_only(np.stack(decoded, out=aligned_host_array((len(decoded), *decoded[0].shape))))
 
 
 def _checked_cameras(cameras: Sequence[str]) -> tuple[str, ...]:

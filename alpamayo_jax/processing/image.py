@@ -29,7 +29,8 @@ int16 weights and sums in int32, the reference's own integer arithmetic, exact o
 backend; the float path sums tap by tap in float32 in the reference's order, each product and
 sum rounded. The uint8-to-float maps are lookups in tables numpy made, never divisions on the
 device. On the CPU backend a frame array that XLA would copy (`_readable_in_place`) is copied
-once by numpy instead, about four times faster.
+once by numpy instead, about four times faster; frames in an `aligned_host_array` (the
+PhysicalAI-AV loader's) are not copied at all.
 
 Compilation. The program is specialised to the number of frames of each size and layout, their
 size and layout (channels first or last), the output size, which `smart_resize` fixes from the
@@ -438,19 +439,20 @@ def _device_layout(chw: np.ndarray) -> tuple[np.ndarray, bool]:
 
 
 def _batch(arrays: list[np.ndarray]) -> np.ndarray | tuple[np.ndarray, ...]:
-    """n frames of one shape as one (n, ...) array when they are consecutive views of one
-    contiguous array (the frames of a 5-D camera array), so that they travel as that array;
-    otherwise as a tuple, stacked by the program."""
-    base = arrays[0].base
-    stride = arrays[0].nbytes
-    if (
-        isinstance(base, np.ndarray)
-        and base.flags.c_contiguous
-        and base.nbytes == stride * len(arrays)
-        and all(a.base is base and a.flags.c_contiguous for a in arrays)
-        and all(a.ctypes.data == base.ctypes.data + i * stride for i, a in enumerate(arrays))
+    """n frames of one shape as one (n, ...) array when they are consecutive, contiguous views
+    of one owner's memory (the frames of a 5-D camera array), so that they travel as that
+    memory; otherwise as a tuple, stacked by the program."""
+    first = arrays[0]
+    stride = first.nbytes
+    if first.base is not None and all(
+        a.base is first.base and a.flags.c_contiguous and a.shape == first.shape and a.dtype == first.dtype
+        and a.ctypes.data == first.ctypes.data + i * stride
+        for i, a in enumerate(arrays)
     ):
-        return base.reshape((len(arrays), *arrays[0].shape))
+        # Every frame is a view of one owner, so the n frames' span lies inside its memory.
+        return np.lib.stride_tricks.as_strided(
+            first, (len(arrays), *first.shape), (stride, *first.strides), writeable=False
+        )
     return tuple(arrays)
 
 
@@ -634,14 +636,23 @@ _ZERO = np.float32(0.0)
 _IN_PLACE_ALIGNMENT = 64
 
 
+def aligned_host_array(shape: Sequence[int], dtype=np.uint8) -> np.ndarray:
+    """An uninitialised C-contiguous host array whose data starts at a multiple of
+    `_IN_PLACE_ALIGNMENT` bytes, which XLA's CPU client reads in place. Loaders that write
+    their frames into one (`np.stack(..., out=...)`) spare preprocessing a copy."""
+    dtype = np.dtype(dtype)
+    count = math.prod(shape)
+    storage = np.empty(count * dtype.itemsize + _IN_PLACE_ALIGNMENT, np.uint8)
+    start = -storage.ctypes.data % _IN_PLACE_ALIGNMENT
+    return np.frombuffer(storage, dtype, count=count, offset=start).reshape(shape)
+
+
 def _readable_in_place(array: np.ndarray) -> np.ndarray:
     """`array`, or on the CPU backend, when XLA would copy it (`_IN_PLACE_ALIGNMENT`), a numpy
     copy that XLA reads in place."""
     if jax.default_backend() != "cpu" or array.ctypes.data % _IN_PLACE_ALIGNMENT == 0:
         return array
-    storage = np.empty(array.nbytes + _IN_PLACE_ALIGNMENT, np.uint8)
-    start = -storage.ctypes.data % _IN_PLACE_ALIGNMENT
-    aligned = storage[start : start + array.nbytes].view(array.dtype).reshape(array.shape)
+    aligned = aligned_host_array(array.shape, array.dtype)
     np.copyto(aligned, array)
     return aligned
 
