@@ -348,6 +348,8 @@ def test_unaligned_host_frames_are_copied_to_an_aligned_buffer():
     assert copied.ctypes.data % 64 == 0 and not np.shares_memory(copied, unaligned)
     np.testing.assert_array_equal(copied, unaligned)
     assert image_module._readable_in_place(copied) is copied
+    floats = image_module.aligned_host_array((5, 7), np.float32)  # the float path's frames
+    assert floats.dtype == np.float32 and floats.shape == (5, 7) and floats.ctypes.data % 64 == 0
 
 
 def test_frames_of_an_aligned_camera_array_go_as_one_array(cfg):

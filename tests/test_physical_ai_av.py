@@ -133,6 +133,18 @@ def test_sample_is_a_valid_clip_with_ground_truth(dataset):
                           np.asarray(clip.camera_frames))
 
 
+
+def test_cameras_of_different_sizes_stay_per_camera():
+    """One aligned array only when every camera has the same size; otherwise the decoded
+    cameras as they are, which `Clip.create` takes per camera."""
+    rng = np.random.default_rng(3)
+    same = [rng.integers(0, 256, (4, 16, 24, 3), dtype=np.uint8) for _ in range(2)]
+    stacked = pai._camera_array(same)
+    assert stacked.shape == (2, 4, 16, 24, 3) and stacked.ctypes.data % 64 == 0 and not stacked.flags.writeable
+    np.testing.assert_array_equal(stacked, np.stack(same))
+    mixed = [same[0], rng.integers(0, 256, (4, 8, 12, 3), dtype=np.uint8)]
+    assert pai._camera_array(mixed) is mixed
+
 def test_frames_are_the_latest_at_or_before_each_time(dataset):
     """Every frame is the video's frame of the last timestamp at or before t0 - 0.3 ... t0, as a
     plain sequential decode of the whole video gives it."""
