@@ -11,7 +11,8 @@ numpy's large arrays start 16 bytes past a 64-byte boundary, and XLA's CPU clien
 64-byte-aligned host arrays in place, so ours first copies such frames (`image._readable_in_place`).
 The figures of ours include that copy; `ours_aligned_frames_*` are the same calls, interleaved
 with the others, on the frames in an `image.aligned_host_array` filled beforehand: what a caller
-that allocates its frames there gets, as the PhysicalAI-AV loader does.
+that allocates its frames there gets, as the PhysicalAI-AV loader does. `ours_separate_frames_*`
+are the frames as 16 arrays of their own, given straight to preprocessing (numpy stacks them).
 
     python bench/preprocess_bench.py [--height 1080 --width 1920 --cameras 4 --frames 4]
                                      [--repeats 7] [--layout chw|hwc] [--float-resize] [--json]
@@ -84,6 +85,7 @@ def main() -> None:
 
     aligned_frames = image.aligned_host_array(frames.shape)
     aligned_frames[...] = frames
+    separate_frames = [[np.array(f) for f in camera] for camera in frames]
 
     def ours(frames=frames):
         pixels, grid = image.preprocess_images(
@@ -117,12 +119,15 @@ def main() -> None:
 
     first_ours, (pixels, grid) = timed(ours)
     first_theirs, reference = timed(theirs) if theirs else (None, None)
-    steady_ours, steady_theirs, steady_aligned = [], [], []
+    for variant in (aligned_frames, separate_frames):
+        assert np.array_equal(ours(variant)[0], pixels), "ours differs between the ways its frames are held"
+    steady_ours, steady_theirs, steady_aligned, steady_separate = [], [], [], []
     for _ in range(args.repeats):
         steady_ours.append(timed(ours)[0])
         if theirs:
             steady_theirs.append(timed(theirs)[0])
         steady_aligned.append(timed(lambda: ours(aligned_frames))[0])
+        steady_separate.append(timed(lambda: ours(separate_frames))[0])
 
     report = {
         "input": f"{args.cameras * args.frames} x {args.height} x {args.width} uint8 ({args.layout})",
@@ -134,6 +139,7 @@ def main() -> None:
         "ours_steady_min_s": round(min(steady_ours), 4),
         "ours_aligned_frames_median_s": round(statistics.median(steady_aligned), 4),
         "ours_aligned_frames_min_s": round(min(steady_aligned), 4),
+        "ours_separate_frames_median_s": round(statistics.median(steady_separate), 4),
         "compiled_programs": image._program._cache_size(),  # resize, normalisation and patches: one program
     }
     if theirs:
@@ -146,6 +152,8 @@ def main() -> None:
             "speedup_median": round(statistics.median(steady_theirs) / statistics.median(steady_ours), 2),
             "speedup_median_aligned_frames": round(
                 statistics.median(steady_theirs) / statistics.median(steady_aligned), 2),
+            "speedup_median_separate_frames": round(
+                statistics.median(steady_theirs) / statistics.median(steady_separate), 2),
             "same_grid": bool(np.array_equal(grid, their_grid)),
             "max_abs_difference": float(np.abs(pixels - their_pixels).max())
             if pixels.shape == their_pixels.shape else None,

@@ -96,12 +96,32 @@ def test_channels_last_input_is_converted(tmp_path):
     np.testing.assert_array_equal(load_clip(path).camera_frames, frames)
 
 
+def test_frames_given_one_by_one_are_one_aligned_array():
+    """Frames given one by one (a server's decoded images) are copied once, into one array that
+    preprocessing reads in place; (H, W, 3) frames keep their layout rather than being transposed."""
+    frames = _frames()
+    xyz, rot = _history()
+    decoded = [[np.ascontiguousarray(f.transpose(1, 2, 0)) for f in camera] for camera in frames]  # (H, W, 3)
+    for given, channels_last in (([list(camera) for camera in frames], False), (decoded, True)):
+        held = Clip.create(given, xyz, rot).camera_frames
+        np.testing.assert_array_equal(held, frames)
+        assert held.ctypes.data % 64 == 0 and not np.shares_memory(held, given[0][0])
+        memory = held.transpose(0, 1, 3, 4, 2) if channels_last else held
+        assert memory.flags.c_contiguous
+    mixed = [list(camera) for camera in frames]
+    mixed[1][2] = np.ascontiguousarray(mixed[1][2].transpose(1, 2, 0))
+    held = Clip.create(mixed, xyz, rot).camera_frames
+    assert held.flags.c_contiguous and held.ctypes.data % 64 == 0
+    np.testing.assert_array_equal(held, frames)
+
+
 def test_cameras_of_different_sizes_round_trip(tmp_path):
     xyz, rot = _history()
     cameras = [_frames((4, 3, 8, 12), seed=c) for c in range(3)] + [_frames((4, 3, 16, 24), seed=3)]
     clip = Clip.create(cameras, xyz, rot)
     assert isinstance(clip.camera_frames, tuple)
     assert [c.shape for c in clip.camera_frames] == [(4, 3, 8, 12)] * 3 + [(4, 3, 16, 24)]
+    assert all(c.flags.c_contiguous and c.ctypes.data % 64 == 0 for c in clip.camera_frames)
     path = tmp_path / "mixed.npz"
     save_clip(path, clip)
     with np.load(path) as archive:

@@ -339,7 +339,8 @@ def test_strided_pieces_are_assembled_in_row_order():
 
 def test_unaligned_host_frames_are_copied_to_an_aligned_buffer():
     """XLA's CPU client copies a host array that does not start at a multiple of 64 bytes, four
-    times slower than numpy: such frames get an aligned numpy copy, aligned ones go as they are."""
+    times slower than numpy: such frames get an aligned numpy copy, aligned ones go as they are,
+    and separate frames are stacked into one aligned array."""
     storage = np.arange(3 * 40 * 60 + 64, dtype=np.int64).astype(np.uint8)
     start = (1 - storage.ctypes.data) % 64
     unaligned = storage[start : start + 3 * 40 * 60].reshape(3, 40, 60)
@@ -348,6 +349,10 @@ def test_unaligned_host_frames_are_copied_to_an_aligned_buffer():
     assert copied.ctypes.data % 64 == 0 and not np.shares_memory(copied, unaligned)
     np.testing.assert_array_equal(copied, unaligned)
     assert image_module._readable_in_place(copied) is copied
+    separate = (unaligned, np.array(unaligned[::-1]), copied)  # a server's decoded frames, say
+    stacked = image_module._readable_in_place(separate)
+    assert isinstance(stacked, np.ndarray) and stacked.ctypes.data % 64 == 0
+    np.testing.assert_array_equal(stacked, np.stack(separate))
     floats = image_module.aligned_host_array((5, 7), np.float32)  # the float path's frames
     assert floats.dtype == np.float32 and floats.shape == (5, 7) and floats.ctypes.data % 64 == 0
 
@@ -364,7 +369,7 @@ def test_frames_of_an_aligned_camera_array_go_as_one_array(cfg):
     assert batch.ctypes.data == frames.ctypes.data and not batch.flags.writeable
     assert image_module._readable_in_place(batch) is batch
     np.testing.assert_array_equal(batch, frames.reshape(6, 40, 60, 3))
-    assert isinstance(image_module._batch(sent[::2]), tuple)  # not consecutive: stacked by the program
+    assert isinstance(image_module._batch(sent[::2]), tuple)  # not consecutive: stacked on the host
     assert isinstance(image_module._batch([sent[0], np.array(sent[1])]), tuple)  # another owner
     ours = _preprocess(flatten_camera_frames(frames), cfg)
     plain = _preprocess(flatten_camera_frames(np.array(frames)), cfg)

@@ -29,8 +29,9 @@ int16 weights and sums in int32, the reference's own integer arithmetic, exact o
 backend; the float path sums tap by tap in float32 in the reference's order, each product and
 sum rounded. The uint8-to-float maps are lookups in tables numpy made, never divisions on the
 device. On the CPU backend a frame array that XLA would copy (`_readable_in_place`) is copied
-once by numpy instead, about four times faster; frames in an `aligned_host_array` (the
-PhysicalAI-AV loader's) are not copied at all.
+once by numpy instead, about four times faster, and separate frames of one size (a server's
+decoded images) are stacked by numpy into one such array; frames in an `aligned_host_array`
+(the PhysicalAI-AV loader's) are not copied at all.
 
 Compilation. The program is specialised to the number of frames of each size and layout, their
 size and layout (channels first or last), the output size, which `smart_resize` fixes from the
@@ -441,7 +442,8 @@ def _device_layout(chw: np.ndarray) -> tuple[np.ndarray, bool]:
 def _batch(arrays: list[np.ndarray]) -> np.ndarray | tuple[np.ndarray, ...]:
     """n frames of one shape as one (n, ...) array when they are consecutive, contiguous views
     of one owner's memory (the frames of a 5-D camera array), so that they travel as that
-    memory; otherwise as a tuple, stacked by the program."""
+    memory; otherwise as a tuple, stacked on the host on the CPU backend (`_readable_in_place`),
+    by the program on others."""
     first = arrays[0]
     stride = first.nbytes
     if first.base is not None and all(
@@ -647,21 +649,28 @@ def aligned_host_array(shape: Sequence[int], dtype=np.uint8) -> np.ndarray:
     return np.frombuffer(storage, dtype, count=count, offset=start).reshape(shape)
 
 
-def _readable_in_place(array: np.ndarray) -> np.ndarray:
-    """`array`, or on the CPU backend, when XLA would copy it (`_IN_PLACE_ALIGNMENT`), a numpy
-    copy that XLA reads in place."""
-    if jax.default_backend() != "cpu" or array.ctypes.data % _IN_PLACE_ALIGNMENT == 0:
-        return array
-    aligned = aligned_host_array(array.shape, array.dtype)
-    np.copyto(aligned, array)
+def _readable_in_place(frames: np.ndarray | tuple[np.ndarray, ...]) -> np.ndarray | tuple[np.ndarray, ...]:
+    """One group's frames (`_batch`) as the program gets them. On the CPU backend, an array XLA
+    reads in place (`_IN_PLACE_ALIGNMENT`): the array itself, or a numpy copy of it, or the
+    tuple's frames stacked by numpy into one (one host copy instead of one per frame and the
+    program's stack). On other backends, `frames` unchanged."""
+    if jax.default_backend() != "cpu":
+        return frames
+    if isinstance(frames, tuple):
+        aligned = aligned_host_array((len(frames), *frames[0].shape), frames[0].dtype)
+        np.stack(frames, out=aligned)
+        return aligned
+    if frames.ctypes.data % _IN_PLACE_ALIGNMENT == 0:
+        return frames
+    aligned = aligned_host_array(frames.shape, frames.dtype)
+    np.copyto(aligned, frames)
     return aligned
 
 
 def _run_program(frames: tuple, history_xyz=None, *, float_resize: bool, **static):
     """`_program` on `frames` (per group an array or a tuple of arrays) with the tables of
     `float_resize`."""
-    frames = tuple(tuple(map(_readable_in_place, x)) if isinstance(x, tuple) else _readable_in_place(x)
-                   for x in frames)
+    frames = tuple(map(_readable_in_place, frames))
     return _program(frames, (*_normalization_tables(float_resize), _ZERO), history_xyz,
                     float_resize=float_resize, **static)
 

@@ -205,7 +205,7 @@ class AlpamayoDriver(BaseDriver):
 
     @staticmethod
     def _decode(state: _Session, frames: dict) -> dict[str, list[np.ndarray]]:
-        """The frames of each source camera as (3, H, W) uint8, each frame decoded once."""
+        """The frames of each source camera as (H, W, 3) uint8, each frame decoded once."""
         with state.lock:
             keep = {}
             images = {}
@@ -215,8 +215,8 @@ class AlpamayoDriver(BaseDriver):
                     key = (source, frame.frame_start_us, frame.frame_end_us, len(frame.image_bytes))
                     array = state.decoded.get(key)
                     if array is None:
-                        array = decode_image(frame.image_bytes, name=f"{source} frame at {frame.timestamp_us} us",
-                                             channels_first=True)
+                        name = f"{source} frame at {frame.timestamp_us} us"
+                        array = decode_image(frame.image_bytes, name=name)
                     keep[key] = array
                     images[source].append(array)
             state.decoded = keep

@@ -25,9 +25,9 @@ class ImageError(ValueError):
     """An image that cannot be decoded; the message names it."""
 
 
-def decode_image(data: bytes, *, name: str = "image", channels_first: bool = False) -> np.ndarray:
-    """Encoded image bytes -> (H, W, 3) uint8 RGB, or a contiguous (3, H, W) with `channels_first`
-    (what the image processor reads fastest)."""
+def decode_image(data: bytes, *, name: str = "image") -> np.ndarray:
+    """Encoded image bytes -> (H, W, 3) uint8 RGB, Pillow's layout: the image processor reads it
+    as it is, where a channels-first copy would cost more than it saves."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -38,8 +38,8 @@ def decode_image(data: bytes, *, name: str = "image", channels_first: bool = Fal
                 width, height = image.size
                 if width * height > MAX_PIXELS:
                     raise ImageError(f"{name}: {width}x{height} is larger than {MAX_PIXELS:,} pixels")
-                rgb = np.asarray(image.convert("RGB"), dtype=np.uint8)
-        return np.ascontiguousarray(rgb.transpose(2, 0, 1)) if channels_first else rgb
+                # convert() copies even an RGB image
+                return np.asarray(image if image.mode == "RGB" else image.convert("RGB"), dtype=np.uint8)
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
@@ -48,7 +48,7 @@ def decode_image(data: bytes, *, name: str = "image", channels_first: bool = Fal
         raise ImageError(f"{name}: not a decodable {'/'.join(ACCEPTED_FORMATS)} image ({error})") from None
 
 
-def decode_base64_image(text: str, *, name: str = "image", channels_first: bool = False) -> np.ndarray:
+def decode_base64_image(text: str, *, name: str = "image") -> np.ndarray:
     """A base64 string, or a `data:image/...;base64,` URL, of an encoded image -> as `decode_image`."""
     if not isinstance(text, str):
         raise ImageError(f"{name}: expected a base64 string, got {type(text).__name__}")
@@ -67,4 +67,4 @@ def decode_base64_image(text: str, *, name: str = "image", channels_first: bool 
         raise ImageError(f"{name}: not valid base64 ({error})") from None
     if not data:
         raise ImageError(f"{name}: empty image")
-    return decode_image(data, name=name, channels_first=channels_first)
+    return decode_image(data, name=name)

@@ -141,7 +141,7 @@ def parse_request(request: InferRequest, *, config: AlpamayoConfig, defaults: In
     for c, name in enumerate(names):
         first = c * num_frames
         frames = [_decode(request.images[first + f], first + f) for f in range(num_frames)]
-        sizes = sorted({frame.shape[1:] for frame in frames})
+        sizes = sorted({frame.shape[:2] for frame in frames})  # (H, W)
         if len(sizes) > 1:
             raise RequestError((("images",), (f"images[{first}..{first + num_frames - 1}] ({name}): the frames of "
                                             f"one camera must have one size, got {sizes}")))
@@ -226,7 +226,7 @@ def _layout(request: InferRequest) -> tuple[tuple[str, ...], int]:
 
 def _decode(text: str, index: int) -> np.ndarray:
     try:
-        return decode_base64_image(text, name=f"images[{index}]", channels_first=True)
+        return decode_base64_image(text, name=f"images[{index}]")
     except ImageError as error:
         raise RequestError((("images", index), str(error).removeprefix(f"images[{index}]: "))) from None
 
