@@ -371,6 +371,8 @@ def test_frames_of_an_aligned_camera_array_go_as_one_array(cfg):
     np.testing.assert_array_equal(batch, frames.reshape(6, 40, 60, 3))
     assert isinstance(image_module._batch(sent[::2]), tuple)  # not consecutive: stacked on the host
     assert isinstance(image_module._batch([sent[0], np.array(sent[1])]), tuple)  # another owner
+    alone = image_module._batch([sent[4]])  # one frame: a view, aligned when the frame is
+    assert alone.shape == (1, 40, 60, 3) and alone.ctypes.data == sent[4].ctypes.data
     ours = _preprocess(flatten_camera_frames(frames), cfg)
     plain = _preprocess(flatten_camera_frames(np.array(frames)), cfg)
     for a, b in zip(ours, plain):

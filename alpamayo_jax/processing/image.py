@@ -440,11 +440,13 @@ def _device_layout(chw: np.ndarray) -> tuple[np.ndarray, bool]:
 
 
 def _batch(arrays: list[np.ndarray]) -> np.ndarray | tuple[np.ndarray, ...]:
-    """n frames of one shape as one (n, ...) array when they are consecutive, contiguous views
-    of one owner's memory (the frames of a 5-D camera array), so that they travel as that
-    memory; otherwise as a tuple, stacked on the host on the CPU backend (`_readable_in_place`),
-    by the program on others."""
+    """n frames of one shape as one (n, ...) array when they are one frame, or consecutive,
+    contiguous views of one owner's memory (the frames of a 5-D camera array), so that they
+    travel as that memory; otherwise as a tuple, stacked on the host on the CPU backend
+    (`_readable_in_place`), by the program on others."""
     first = arrays[0]
+    if len(arrays) == 1:
+        return first[None]
     stride = first.nbytes
     if first.base is not None and all(
         a.base is first.base and a.flags.c_contiguous and a.shape == first.shape and a.dtype == first.dtype
@@ -683,7 +685,7 @@ def _run_program(frames: tuple, history_xyz=None, *, float_resize: bool, **stati
 def _resize_image(image: np.ndarray, height: int, width: int, *, float_resize: bool) -> np.ndarray:
     if height <= 0 or width <= 0:
         raise ValueError(f"output size must be positive, got {height}x{width}")
-    resized, _ = _run_program(((image,),), float_resize=float_resize,
+    resized, _ = _run_program((_batch([image]),), float_resize=float_resize,
                               groups=(_Group((0,), (height, width), False),), patches=None, history=None)
     return np.asarray(resized[0])
 
