@@ -26,13 +26,13 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import tokenizers
-from flax import nnx
 
 from alpamayo_jax.config import AlpamayoConfig, load_preset_json
 from alpamayo_jax.io.assign import export_plan
 from alpamayo_jax.io.safetensors import write_safetensors
 from alpamayo_jax.io.weight_map import alpamayo_rules
 from alpamayo_jax.models.alpamayo import AlpamayoR1
+from alpamayo_jax.nn.abstract import abstract_module
 
 
 class RandomTensors:
@@ -74,7 +74,7 @@ def synthetic_configs(layers: int) -> tuple[dict, dict]:
 def write_checkpoint(directory: Path, layers: int, shard_bytes: float) -> tuple[int, int]:
     config, backbone = synthetic_configs(layers)
     parsed = AlpamayoConfig.from_hf_config(config, backbone)
-    model = nnx.eval_shape(lambda: AlpamayoR1(parsed, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
+    model = abstract_module(AlpamayoR1, parsed, param_dtype=jnp.bfloat16)
     shapes = {key: shape for key, (_, _, shape) in export_plan(model, alpamayo_rules()).items()}
     directory.mkdir(parents=True)
     vlm = directory / "vlm"

@@ -26,6 +26,7 @@ from alpamayo_jax.config import AlpamayoConfig, alpamayo_r1_10b  # noqa: E402
 from alpamayo_jax.inference.inference_config import InferenceConfig  # noqa: E402
 from alpamayo_jax.inference.pipeline import Pipeline, sample_trajectories  # noqa: E402
 from alpamayo_jax.models.alpamayo import AlpamayoR1  # noqa: E402
+from alpamayo_jax.nn.abstract import abstract_module  # noqa: E402
 from alpamayo_jax.processing.synthetic import synthetic_clip  # noqa: E402
 from alpamayo_jax.sharding import make_mesh, param_shardings, shard_model  # noqa: E402
 from common import FIXTURE, scaled_configs  # noqa: E402
@@ -62,7 +63,7 @@ def seconds_per_clip(pipeline: Pipeline, preset: str, clips, repeats: int, max_n
 
 def parameter_bytes_10b() -> dict[str, int]:
     """Largest per-device parameter bytes of the bf16 10B model under each preset (from shardings)."""
-    model = nnx.eval_shape(lambda: AlpamayoR1(alpamayo_r1_10b(), param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
+    model = abstract_module(AlpamayoR1, alpamayo_r1_10b(), param_dtype=jnp.bfloat16)
     from alpamayo_jax.nn.variables import module_variables
 
     variables = module_variables(model)

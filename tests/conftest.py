@@ -74,14 +74,14 @@ def tiny_model(checkpoint):
 
 @pytest.fixture(scope="session")
 def abstract_10b():
-    """The full-size model through `nnx.eval_shape` (bf16 shapes only, nothing allocated)."""
+    """The full-size model through `abstract_module` (bf16 shapes only, nothing allocated)."""
     import jax.numpy as jnp
-    from flax import nnx
 
     from alpamayo_jax.config import alpamayo_r1_10b
     from alpamayo_jax.models.alpamayo import AlpamayoR1
+    from alpamayo_jax.nn.abstract import abstract_module
 
-    return nnx.eval_shape(lambda: AlpamayoR1(alpamayo_r1_10b(), param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
+    return abstract_module(AlpamayoR1, alpamayo_r1_10b(), param_dtype=jnp.bfloat16)
 
 
 @pytest.fixture(scope="session")

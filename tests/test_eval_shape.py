@@ -38,3 +38,22 @@ def test_every_parameter_has_logical_axes(abstract_10b):
         names = variable.get_metadata().get("logical_axes")
         assert names is not None and len(names) == len(variable.shape), f"{path}: {names} for {variable.shape}"
         assert all(n is None or n in LOGICAL_AXES for n in names), f"{path}: {names}"
+
+
+def test_abstract_module_is_what_eval_shape_with_rngs_makes():
+    """`abstract_module` (a fixed key for every stream, so no traced counter) gives the module
+    that `nnx.eval_shape` with an `nnx.Rngs` gives: the same graph, and every variable with the
+    same shape, dtype and metadata."""
+    from alpamayo_jax.config import tiny
+    from alpamayo_jax.models.alpamayo import AlpamayoR1
+    from alpamayo_jax.nn.abstract import abstract_module
+
+    ours = abstract_module(AlpamayoR1, tiny(), param_dtype=jnp.bfloat16)
+    theirs = nnx.eval_shape(lambda: AlpamayoR1(tiny(), param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
+    assert nnx.graphdef(ours) == nnx.graphdef(theirs)
+    ours_vars, theirs_vars = module_variables(ours), module_variables(theirs)
+    assert ours_vars.keys() == theirs_vars.keys() and len(ours_vars) > 100
+    for path, variable in ours_vars.items():
+        assert type(variable) is type(theirs_vars[path]), path
+        assert variable.get_value() == theirs_vars[path].get_value(), path  # ShapeDtypeStructs
+        assert variable.get_metadata() == theirs_vars[path].get_metadata(), path

@@ -31,6 +31,7 @@ from flax import nnx
 
 from alpamayo_jax.config import AlpamayoConfig
 from alpamayo_jax.io.assign import WeightMapError
+from alpamayo_jax.nn.abstract import abstract_module
 from alpamayo_jax.nn.variables import module_variables
 from alpamayo_jax.models.alpamayo import AlpamayoR1
 from alpamayo_jax.sharding import param_shardings
@@ -131,7 +132,7 @@ def load_bundle(
     if dtype is None and len(stored_dtypes) != 1:
         raise ValueError(f"{bundle} stores mixed dtypes {sorted(stored_dtypes)}; choose one with dtype=")
     param_dtype = jnp.dtype(dtype if dtype is not None else stored_dtypes.pop())
-    model = nnx.eval_shape(lambda: AlpamayoR1(config, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
+    model = abstract_module(AlpamayoR1, config, param_dtype=param_dtype)
     variables = module_variables(model)
     problems = [f"missing parameter {p!r} in {params_dir}" for p in sorted(set(variables) - set(stored))]
     problems += [f"{params_dir} holds {p!r}, which the model does not have" for p in sorted(set(stored) - set(variables))]

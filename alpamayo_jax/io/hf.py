@@ -18,13 +18,13 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from alpamayo_jax.config import AlpamayoConfig, ConfigError, load_preset_json
 from alpamayo_jax.io.assign import Assignment, Placement, export_tensors, load_tensors_into
 from alpamayo_jax.io.atomic import atomic_directory
 from alpamayo_jax.io.safetensors import DTYPES, CheckpointReader, write_safetensors
 from alpamayo_jax.io.weight_map import alpamayo_rules
+from alpamayo_jax.nn.abstract import abstract_module
 from alpamayo_jax.models.alpamayo import AlpamayoR1
 from alpamayo_jax.sharding import param_shardings
 
@@ -146,7 +146,7 @@ def config_weight_disagreements(config: AlpamayoConfig, shapes: dict[str, tuple[
 
 def abstract_model(hf_dir: str | os.PathLike, *, backbone_dir=None, dtype=None
                    ) -> tuple[AlpamayoR1, AlpamayoConfig, CheckpointReader]:
-    """The model for a checkpoint directory, created abstractly (`nnx.eval_shape`, nothing
+    """The model for a checkpoint directory, created abstractly (`abstract_module`, nothing
     allocated) in `dtype` (default: the checkpoint's own), and the validated reader of its files."""
     config, _, _ = read_hf_config(hf_dir, backbone_dir)
     reader = CheckpointReader(hf_dir)
@@ -154,7 +154,7 @@ def abstract_model(hf_dir: str | os.PathLike, *, backbone_dir=None, dtype=None
     if disagreements:
         raise ConfigError("config and weights disagree:\n  " + "\n  ".join(disagreements))
     param_dtype = jnp.dtype(dtype) if dtype is not None else checkpoint_dtype(reader)
-    model = nnx.eval_shape(lambda: AlpamayoR1(config, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
+    model = abstract_module(AlpamayoR1, config, param_dtype=param_dtype)
     return model, config, reader
 
 
@@ -169,7 +169,7 @@ def load_hf_checkpoint(
 ) -> tuple[AlpamayoR1, AlpamayoConfig]:
     """Builds the model from a Hugging Face checkpoint directory, streaming tensor by tensor.
 
-    The model is created abstractly (`nnx.eval_shape`), every header is checked and the whole
+    The model is created abstractly (`abstract_module`), every header is checked and the whole
     key/shape plan validated before any data is read; then each tensor is read, cast to `dtype`
     (default: the checkpoint's own) and placed with `place`, or straight into its sharding on
     `mesh` (`alpamayo_jax.sharding`), or on the default device.
