@@ -4,7 +4,7 @@
 The model. `--size 10b` (default) is configs/alpamayo_r1_10b.json + configs/qwen3_vl_8b_backbone.json
 (11.1e9 parameters); `tiny` is the reference fixture's architecture (tests/fixtures/tiny_ar1_dev),
 `medium` and `260m` bench/common.py's wider and deeper versions of it. No checkpoint: the model is
-built abstractly (`nnx.eval_shape` of the constructor) and its parameters are made on the device
+built abstractly (`nn/abstract.abstract_module`) and its parameters are made on the device
 from those shapes and dtypes, by jitted programs (one per shape): normal(0, --std 0.02) kernels and
 embeddings, norm scales at one, biases at zero (nothing is materialised on the host); the buffers
 (Fourier frequencies, action statistics) are the constructor's, computed by one more jitted program.
@@ -147,6 +147,7 @@ from alpamayo_jax.inference.generation import cache_capacity, prefill  # noqa: E
 from alpamayo_jax.inference.inference_config import InferenceConfig  # noqa: E402
 from alpamayo_jax.inference.pipeline import Pipeline, sample_trajectories  # noqa: E402
 from alpamayo_jax.models.alpamayo import AlpamayoR1  # noqa: E402
+from alpamayo_jax.nn.abstract import FixedKeyRngs, abstract_module  # noqa: E402
 from alpamayo_jax.nn.attention import causal_attention, fused_attention, use_fused_attention  # noqa: E402
 from alpamayo_jax.nn.variables import Buffer  # noqa: E402
 from alpamayo_jax.processing.chat_template import load_chat_template  # noqa: E402
@@ -213,10 +214,7 @@ def random_model(config: AlpamayoConfig, dtype, seed: int, std: float) -> tuple[
     """The model with random parameters made on the default device (see the module docstring)
     and its parameter count (buffers included)."""
 
-    def build() -> AlpamayoR1:
-        return AlpamayoR1(config, param_dtype=dtype, rngs=nnx.Rngs(seed))
-
-    abstract = nnx.eval_shape(build)
+    abstract = abstract_module(AlpamayoR1, config, param_dtype=dtype)
     graphdef, params, _ = nnx.split(abstract, nnx.Param, ...)
     leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
     count = sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(nnx.state(abstract)))
@@ -237,7 +235,8 @@ def random_model(config: AlpamayoConfig, dtype, seed: int, std: float) -> tuple[
             values.append(_normal(key, index, std, shape=leaf.shape, dtype=leaf.dtype))
     concrete = jax.tree_util.tree_unflatten(treedef, values)
     # The constructor's buffers; its parameter initialisers are dead code in this program.
-    rest = jax.jit(lambda: nnx.split(build(), nnx.Param, ...)[2])()
+    built = functools.partial(AlpamayoR1, config, param_dtype=dtype, rngs=FixedKeyRngs())
+    rest = jax.jit(lambda: nnx.split(built(), nnx.Param, ...)[2])()
     model = nnx.merge(graphdef, concrete, rest)
     # Every variable is a parameter or a buffer (a new kind would be left uninitialised here).
     known = nnx.state(model, nnx.Any(nnx.Param, Buffer))

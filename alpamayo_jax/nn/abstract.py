@@ -23,12 +23,13 @@ def abstract_module(constructor: Callable[..., M], *args, **kwargs) -> M:
     """`constructor(*args, **kwargs, rngs=...)` through `nnx.eval_shape`: the module with
     `jax.ShapeDtypeStruct` values, as `nnx.eval_shape` with an `nnx.Rngs` makes it (same graph,
     shapes, dtypes and metadata). For modules that only draw keys at construction."""
-    return nnx.eval_shape(lambda: constructor(*args, rngs=_FixedKey(), **kwargs))
+    return nnx.eval_shape(lambda: constructor(*args, rngs=FixedKeyRngs(), **kwargs))
 
 
-class _FixedKey:
-    """Stands in for `nnx.Rngs` where values do not matter: `rngs()`, `rngs.params()` or any
-    other stream gives the same key, with no counter to trace."""
+class FixedKeyRngs:
+    """Stands in for `nnx.Rngs` where the random values do not matter (an abstract module, or a
+    traced constructor whose parameters are dead code): `rngs()`, `rngs.params()` or any other
+    stream gives the same key, with no counter to trace."""
 
     def __call__(self) -> jax.Array:
         return jax.random.key(0)
