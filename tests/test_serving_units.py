@@ -4,9 +4,11 @@
 from __future__ import annotations
 
 import argparse
+import io
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from alpamayo_jax.serving.cameras import MODEL_CAMERA_IDS, CameraMap, model_camera_name
 from alpamayo_jax.serving.images import ImageError, decode_base64_image, decode_image
@@ -80,6 +82,11 @@ def test_images_decode_and_name_the_problem():
     frame = np.random.default_rng(0).integers(0, 255, (3, 9, 16), dtype=np.uint8)
     np.testing.assert_array_equal(decode_image(encode(frame, "PNG")), frame.transpose(1, 2, 0))
     assert decode_base64_image("data:image/jpeg;base64," + b64(encode(frame, "JPEG"))).shape == (9, 16, 3)
+    for mode in ("L", "RGBA", "P"):  # converted to RGB as Pillow converts them
+        buffer = io.BytesIO()
+        converted = Image.fromarray(frame.transpose(1, 2, 0)).convert(mode)
+        converted.save(buffer, format="PNG")
+        np.testing.assert_array_equal(decode_image(buffer.getvalue()), np.asarray(converted.convert("RGB")))
     for text, message in [("@@@", "not valid base64"), (b64(b"hello"), "not a decodable"),
                           ("data:text/plain;base64,aGk=", "expected image"), (b64(encode(frame, "GIF")), "GIF")]:
         with pytest.raises(ImageError, match=rf"images\[7\]: .*{message}"):

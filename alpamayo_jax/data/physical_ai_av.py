@@ -61,7 +61,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from alpamayo_jax.processing.clip import CAMERA_NAMES, Clip, ClipError, read_only
-from alpamayo_jax.processing.image import aligned_host_array
+from alpamayo_jax.processing.image import aligned_stack
 
 DEFAULT_T0_US = 5_100_000  # the training and evaluation keyframe, 5.1 s into the clip
 TIME_STEP = 0.1  # seconds between history / future poses and between frames
@@ -392,11 +392,11 @@ class PhysicalAIAVDataset:
 
 def _camera_array(decoded: list[np.ndarray]) -> np.ndarray | list[np.ndarray]:
     """The cameras' (F, H, W, 3) frames as one read-only (C, F, H, W, 3) array that preprocessing
-    reads in place (`image.aligned_host_array`), the frames' one copy; per camera when the
+    reads in place (`image.aligned_stack`), the frames' one copy; per camera when the
     cameras' sizes differ."""
     if len({camera.shape for camera in decoded}) > 1:
         return decoded
-    return read_only(np.stack(decoded, out=aligned_host_array((len(decoded), *decoded[0].shape))))
+    return read_only(aligned_stack(decoded))
 
 
 def _checked_cameras(cameras: Sequence[str]) -> tuple[str, ...]:

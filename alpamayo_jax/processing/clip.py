@@ -48,7 +48,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from alpamayo_jax.processing.image import aligned_host_array, check_aspect_ratio, to_channels_first
+from alpamayo_jax.processing.image import aligned_stack, check_aspect_ratio, to_channels_first
 
 # Reference camera indices 0, 1, 2 and 6, in that order (the order of the model's images).
 CAMERA_NAMES = ("cross_left_120fov", "front_wide_120fov", "cross_right_120fov", "front_tele_30fov")
@@ -493,18 +493,16 @@ def _frames_channels_first(frames) -> np.ndarray | tuple[np.ndarray, ...]:
 
 def _stacked(cameras: list[list[np.ndarray]]) -> np.ndarray:
     """C cameras' F (3, H, W) frames of one size -> (C, F, 3, H, W), one copy into an
-    `aligned_host_array` that preprocessing reads in place. Frames that are all views of
-    (H, W, 3) images (decoded ones) keep that layout: the result is then a view of a
-    (C, F, H, W, 3) array, which spares a transposing copy."""
+    `aligned_host_array` that preprocessing reads in place (`image.aligned_stack`). Frames that
+    are all views of (H, W, 3) images (decoded ones) keep that layout: the result is then a view
+    of a (C, F, H, W, 3) array, which spares a transposing copy."""
     frames = [frame for images in cameras for frame in images]
-    _, height, width = frames[0].shape
+    counts = (len(cameras), len(cameras[0]))
     if all(not f.flags.c_contiguous and f.transpose(1, 2, 0).flags.c_contiguous for f in frames):
-        stacked = aligned_host_array((len(cameras), len(cameras[0]), height, width, 3))
-        np.stack([f.transpose(1, 2, 0) for f in frames], out=stacked.reshape(len(frames), height, width, 3))
-        return stacked.transpose(0, 1, 4, 2, 3)
-    stacked = aligned_host_array((len(cameras), len(cameras[0]), 3, height, width))
-    np.stack(frames, out=stacked.reshape(len(frames), 3, height, width))
-    return stacked
+        channels_last = aligned_stack([f.transpose(1, 2, 0) for f in frames])
+        return channels_last.reshape(*counts, *channels_last.shape[1:]).transpose(0, 1, 4, 2, 3)
+    stacked = aligned_stack(frames)
+    return stacked.reshape(*counts, *stacked.shape[1:])
 
 
 def _image(frame, name: str) -> np.ndarray:

@@ -651,6 +651,14 @@ def aligned_host_array(shape: Sequence[int], dtype=np.uint8) -> np.ndarray:
     return np.frombuffer(storage, dtype, count=count, offset=start).reshape(shape)
 
 
+def aligned_stack(arrays: Sequence[np.ndarray]) -> np.ndarray:
+    """`np.stack(arrays)` (arrays of one shape and dtype) into an `aligned_host_array`: the
+    arrays' one copy, which XLA's CPU client then reads in place."""
+    stacked = aligned_host_array((len(arrays), *arrays[0].shape), arrays[0].dtype)
+    np.stack(arrays, out=stacked)
+    return stacked
+
+
 def _readable_in_place(frames: np.ndarray | tuple[np.ndarray, ...]) -> np.ndarray | tuple[np.ndarray, ...]:
     """One group's frames (`_batch`) as the program gets them. On the CPU backend, an array XLA
     reads in place (`_IN_PLACE_ALIGNMENT`): the array itself, or a numpy copy of it, or the
@@ -659,9 +667,7 @@ def _readable_in_place(frames: np.ndarray | tuple[np.ndarray, ...]) -> np.ndarra
     if jax.default_backend() != "cpu":
         return frames
     if isinstance(frames, tuple):
-        aligned = aligned_host_array((len(frames), *frames[0].shape), frames[0].dtype)
-        np.stack(frames, out=aligned)
-        return aligned
+        return aligned_stack(frames)
     if frames.ctypes.data % _IN_PLACE_ALIGNMENT == 0:
         return frames
     aligned = aligned_host_array(frames.shape, frames.dtype)
