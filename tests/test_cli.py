@@ -59,6 +59,8 @@ def run_main(args, capsys) -> tuple[int, str]:
     (["--top-k", "-2"], "top_k must be a whole number >= 0"),
     (["--greedy", "--temperature", "0.6"], "temperature cannot be given with it"),
     (["--mesh", "3by4"], "unknown mesh '3by4'"),
+    (["--mesh", "model2"], "mesh 1x2 needs 2 devices, 1 available"),
+    (["--inputs", "recorded.safetensors"], "pass exactly one of --clip and --inputs"),
 ])
 def test_bad_options_fail_before_the_model_loads(fixture_dir, clip_file, tmp_path, capsys, no_model_load,
                                                  extra, message):

@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 from safetensors.numpy import save_file
 
+from alpamayo_jax import cli
 from alpamayo_jax.inference.inference_config import InferenceConfig
 from alpamayo_jax.inference.pipeline import Pipeline, sample_from_inputs, sample_trajectories
 from alpamayo_jax.processing.clip import Clip
@@ -158,10 +159,10 @@ def test_infer_command(fixture_dir, golden, history, tmp_path):
     save_file({"input_ids": golden["processor.input_ids"], "pixel_values": golden["processor.pixel_values"],
                "image_grid_thw": golden["processor.image_grid_thw"], "ego_history_xyz": history[0],
                "ego_history_rot": history[1]}, inputs_path)
-    run = _cli("infer", "--model", str(fixture_dir / "hf"), "--processor-dir", str(fixture_dir / "vlm"),
-               "--inputs", str(inputs_path), "--noise", str(tmp_path / "noise.npy"), "--greedy",
-               "--max-new-tokens", "24", "--out", str(tmp_path / "out2.json"))
-    assert run.returncode == 0, run.stderr
+    # In this process (the command itself ran above): the programs compiled here serve it.
+    assert cli.main(["infer", "--model", str(fixture_dir / "hf"), "--processor-dir", str(fixture_dir / "vlm"),
+                     "--inputs", str(inputs_path), "--noise", str(tmp_path / "noise.npy"), "--greedy",
+                     "--max-new-tokens", "24", "--out", str(tmp_path / "out2.json")]) == 0
     assert_close(np.asarray(_check_result(tmp_path / "out2.json", 1)["xyz"]), golden["rollout.pred_xyz"][0, 0],
                  1e-4, "infer --inputs pred_xyz")
     # Tensor parallel over two CPU devices: the same result.
@@ -171,12 +172,6 @@ def test_infer_command(fixture_dir, golden, history, tmp_path):
     assert run.returncode == 0, run.stderr
     assert_close(np.asarray(_check_result(tmp_path / "out3.json", 1)["xyz"]), golden["rollout.pred_xyz"][0, 0],
                  1e-4, "infer --mesh model2 pred_xyz")
-    too_big = _cli("infer", "--model", str(fixture_dir / "hf"), "--processor-dir", str(fixture_dir / "vlm"),
-                   "--clip", str(clip_path), "--out", str(tmp_path / "x.json"), "--mesh", "model2")
-    assert too_big.returncode == 1 and "mesh 1x2 needs 2 devices, 1 available" in too_big.stderr
-    both = _cli("infer", "--model", str(fixture_dir / "hf"), "--processor-dir", str(fixture_dir / "vlm"),
-                "--out", str(tmp_path / "x.json"))
-    assert both.returncode == 1 and "exactly one of --clip and --inputs" in both.stderr
 
 
 def test_demo_command(tmp_path):
