@@ -213,7 +213,6 @@ def write_processor_dir(directory: Path, size: str, backbone: dict) -> Path:
 def random_model(config: AlpamayoConfig, dtype, seed: int, std: float) -> tuple[AlpamayoR1, int]:
     """The model with random parameters made on the default device (see the module docstring)
     and its parameter count (buffers included)."""
-
     abstract = abstract_module(AlpamayoR1, config, param_dtype=dtype)
     graphdef, params, _ = nnx.split(abstract, nnx.Param, ...)
     leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
@@ -235,8 +234,10 @@ def random_model(config: AlpamayoConfig, dtype, seed: int, std: float) -> tuple[
             values.append(_normal(key, index, std, shape=leaf.shape, dtype=leaf.dtype))
     concrete = jax.tree_util.tree_unflatten(treedef, values)
     # The constructor's buffers; its parameter initialisers are dead code in this program.
-    built = functools.partial(AlpamayoR1, config, param_dtype=dtype, rngs=FixedKeyRngs())
-    rest = jax.jit(lambda: nnx.split(built(), nnx.Param, ...)[2])()
+    def buffers() -> nnx.State:
+        return nnx.split(AlpamayoR1(config, param_dtype=dtype, rngs=FixedKeyRngs()), nnx.Param, ...)[2]
+
+    rest = jax.jit(buffers)()
     model = nnx.merge(graphdef, concrete, rest)
     # Every variable is a parameter or a buffer (a new kind would be left uninitialised here).
     known = nnx.state(model, nnx.Any(nnx.Param, Buffer))

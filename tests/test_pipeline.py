@@ -159,7 +159,7 @@ def test_infer_command(fixture_dir, golden, history, tmp_path):
     save_file({"input_ids": golden["processor.input_ids"], "pixel_values": golden["processor.pixel_values"],
                "image_grid_thw": golden["processor.image_grid_thw"], "ego_history_xyz": history[0],
                "ego_history_rot": history[1]}, inputs_path)
-    # In this process (the command itself ran above): the programs compiled here serve it.
+    # In this process: the child above ran the command as a user runs it.
     assert cli.main(["infer", "--model", str(fixture_dir / "hf"), "--processor-dir", str(fixture_dir / "vlm"),
                      "--inputs", str(inputs_path), "--noise", str(tmp_path / "noise.npy"), "--greedy",
                      "--max-new-tokens", "24", "--out", str(tmp_path / "out2.json")]) == 0
