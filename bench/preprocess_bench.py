@@ -3,9 +3,12 @@ transformers' `Qwen2VLImageProcessorFast` (torchvision on PyTorch) on the same u
 
 The default input is a real rig's: 4 cameras x 4 frames of 1080 x 1920 uint8, resized to
 320 x 576 with the 10B model's pixel budget. Both sides get the same frames; their calls are
-interleaved in one process (ours, theirs, ours, ...) so that a loaded machine slows both alike.
-The first call of ours includes compiling its programs; the first call of theirs warms up too.
-Also checks that both produce the same pixel values (bit for bit on the uint8 path).
+interleaved in one process so that a loaded machine slows both alike, in an order that turns
+every repeat (the call right after theirs runs slower, whichever it is). The first call of ours
+includes compiling its programs; the first call of theirs warms up too. Also checks that both
+produce the same pixel values (bit for bit on the uint8 path), and counts each side's minor page
+faults per call: memory the kernel maps and zeroes afresh, which on glibc's default allocator is
+a large share of both sides' time (every buffer over 32 MB is a new mapping).
 
 numpy's large arrays start 16 bytes past a 64-byte boundary, and XLA's CPU client reads only
 64-byte-aligned host arrays in place, so ours first copies such frames (`image._readable_in_place`).
@@ -28,8 +31,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import statistics
-
 import time
 
 import jax
@@ -121,13 +124,21 @@ def main() -> None:
     first_theirs, reference = timed(theirs) if theirs else (None, None)
     for variant in (aligned_frames, separate_frames):
         assert np.array_equal(ours(variant)[0], pixels), "ours differs between the ways its frames are held"
-    steady_ours, steady_theirs, steady_aligned, steady_separate = [], [], [], []
-    for _ in range(args.repeats):
-        steady_ours.append(timed(ours)[0])
-        if theirs:
-            steady_theirs.append(timed(theirs)[0])
-        steady_aligned.append(timed(lambda: ours(aligned_frames))[0])
-        steady_separate.append(timed(lambda: ours(separate_frames))[0])
+    calls = {"ours": ours, "aligned": lambda: ours(aligned_frames), "separate": lambda: ours(separate_frames)}
+    if theirs:
+        calls["theirs"] = theirs
+    steady = {name: [] for name in calls}
+    faults = {name: [] for name in calls}
+    for repeat in range(args.repeats):
+        # The order turns every repeat: the call after theirs runs slower (some 30 ms for ours on
+        # plain frames), so each variant takes each place in turn.
+        names = list(calls)[repeat % len(calls):] + list(calls)[:repeat % len(calls)]
+        for name in names:
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            steady[name].append(timed(calls[name])[0])
+            faults[name].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    steady_ours, steady_aligned, steady_separate = steady["ours"], steady["aligned"], steady["separate"]
+    steady_theirs = steady.get("theirs")
 
     report = {
         "input": f"{args.cameras * args.frames} x {args.height} x {args.width} uint8 ({args.layout})",
@@ -140,6 +151,7 @@ def main() -> None:
         "ours_aligned_frames_median_s": round(statistics.median(steady_aligned), 4),
         "ours_aligned_frames_min_s": round(min(steady_aligned), 4),
         "ours_separate_frames_median_s": round(statistics.median(steady_separate), 4),
+        "ours_page_faults_per_call": statistics.median(faults["ours"]),
         "compiled_programs": image._program._cache_size(),  # resize, normalisation and patches: one program
     }
     if theirs:
@@ -149,6 +161,7 @@ def main() -> None:
             "theirs_first_s": round(first_theirs, 4),
             "theirs_steady_median_s": round(statistics.median(steady_theirs), 4),
             "theirs_steady_min_s": round(min(steady_theirs), 4),
+            "theirs_page_faults_per_call": statistics.median(faults["theirs"]),
             "speedup_median": round(statistics.median(steady_theirs) / statistics.median(steady_ours), 2),
             "speedup_median_aligned_frames": round(
                 statistics.median(steady_theirs) / statistics.median(steady_aligned), 2),
