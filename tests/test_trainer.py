@@ -50,7 +50,8 @@ def test_training_lowers_the_loss(pipeline, clips, uninterrupted):
     predictable only if the expert can recover eps from x_t, and it sees x_t only through sin/cos
     at 1 to 100 cycles per unit, which wrap many times over noise of unit spread: decoding the
     value back is out of reach of a 32-wide encoder in 40 steps. Without it the best prediction
-    is x alone, whose loss is Var(eps) = 1: the floor this run approaches."""
+    is x alone, whose loss is Var(eps) = 1: the floor this run approaches. So the bound is on the
+    gap to that floor: at least half of it closed (measured: 71 %; 88 % on another eight draws)."""
     _, trainer, result = uninterrupted
     batch = collate(clips, tokenizer=pipeline.tokenizer, chat_template=pipeline.chat_template, config=pipeline.config)
     actions = fit_actions(pipeline.split, batch.inputs, batch.ego_future_xyz, batch.ego_future_rot)
@@ -63,8 +64,9 @@ def test_training_lowers_the_loss(pipeline, clips, uninterrupted):
 
     _, initial = Trainer.create(pipeline.model, OPTIMIZER, jax.random.key(0), stage=2)
     before, after = loss(initial.params), loss(result.state.params)
-    print(f"stage-2 loss on fixed draws: {before:.4f} before, {after:.4f} after {STEPS} steps")
-    assert after < 0.85 * before
+    print(f"stage-2 loss on fixed draws: {before:.4f} before, {after:.4f} after {STEPS} steps "
+          f"({1 - (after - 1.0) / (before - 1.0):.0%} of the gap to the floor of 1 closed)")
+    assert after - 1.0 < 0.5 * (before - 1.0)
     assert len(result.losses) == STEPS and np.isfinite(result.losses).all()
 
 
